@@ -1,0 +1,19 @@
+# The two commands of the README. Each creates .venv from pyproject.toml on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+
+.PHONY: study test
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The embedded study end to end: data, tokenizer, metric classifier, teachers, students, metrics, tables.
+study: $(BIN)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" snakemake --cores $(CORES) all
+
+test: $(BIN)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" pytest

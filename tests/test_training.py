@@ -1,0 +1,167 @@
+"""The training loop and the GPT trainer: schedule, data order, exact resume, teacher logits, NaN guard."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from varkd import distill
+from varkd.checkpoints import load_gpt, save_model
+from varkd.config import MethodConfig, OptimConfig, TeacherLogitsJob, TrainJob
+from varkd.io import atomic_save_npz
+from varkd.loop import BatchOrder, lr_at, train
+from varkd.models.gpt import GPT, GPTConfig
+
+TINY = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=16, multiple_of=16)
+
+
+@pytest.fixture
+def codes(tmp_path):
+    """Synthetic code files: class c sequences prefer tokens near 5c (learnable, not trivial)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 3, n)
+        codes = (labels[:, None] * 5 + rng.integers(0, 4, (n, 16))) % 16
+        return codes.astype(np.int32), labels.astype(np.int64)
+
+    for split, n in (("train", 96), ("val", 24)):
+        c, y = make(n)
+        atomic_save_npz(tmp_path / f"codes_{split}.npz", codes=c, labels=y)
+    return tmp_path
+
+
+def job(codes, out, method="ce", steps=12, **kw) -> TrainJob:
+    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY),
+                    kd=MethodConfig(divergence=method),
+                    optim=OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4,
+                                      log_every=1, precision="fp32"),
+                    codes_train=str(codes / "codes_train.npz"), codes_val=str(codes / "codes_val.npz"),
+                    out_dir=str(out), **kw)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = OptimConfig(steps=100, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(50, OptimConfig(steps=100, lr=2.0, warmup_steps=0, schedule="constant")) == 2.0
+
+
+def test_batch_order_is_a_permutation_per_epoch_and_deterministic():
+    order = BatchOrder(20, 5, seed=7)
+    epoch = np.concatenate([order(s) for s in range(4)])
+    assert sorted(epoch) == list(range(20))
+    assert not np.array_equal(order(0), order(4))  # next epoch reshuffles
+    assert np.array_equal(BatchOrder(20, 5, seed=7)(5), order(5))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, monkeypatch):
+    straight = distill.train_gpt(job(codes, tmp_path / "a"))
+
+    real_drop, calls = distill.drop_labels, {"n": 0}
+
+    def killed_at_step_6(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the checkpoint at step 4, in the middle of the next interval
+            raise KeyboardInterrupt
+        return real_drop(*args)
+
+    monkeypatch.setattr(distill, "drop_labels", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_gpt(job(codes, tmp_path / "b"))
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "student.pt").exists()
+    monkeypatch.setattr(distill, "drop_labels", real_drop)
+    resumed = distill.train_gpt(job(codes, tmp_path / "b"))
+
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    rows = [list(csv.DictReader(open(d / "train_log.csv"))) for d in (tmp_path / "a", tmp_path / "b")]
+    assert [r["step"] for r in rows[1]] == [str(s) for s in range(1, 13)]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()  # removed once the final weights exist
+
+
+def test_checkpoint_of_another_config_is_not_resumed(codes, tmp_path, capsys):
+    distill.train_gpt(job(codes, tmp_path / "run", steps=4))
+    (tmp_path / "run" / "student.pt").unlink()
+    torch.save({"run_id": "other", "step": 3}, tmp_path / "run" / "checkpoint.pt")
+    distill.train_gpt(job(codes, tmp_path / "run", steps=4))
+    assert "ignoring" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    model = torch.nn.Linear(2, 1)
+
+    def loss_fn(step):
+        value = model.weight.sum() * (float("nan") if step == 3 else 1.0)
+        return value, {"kd": value.item()}
+
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train(model, loss_fn, OptimConfig(steps=10, warmup_steps=0), tmp_path, config_text="x")
+
+
+def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
+    teacher_job = job(codes, tmp_path / "teacher", steps=30, checkpoint_name="teacher.pt")
+    teacher_path = distill.train_gpt(teacher_job)
+    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=teacher_job.codes_train,
+                                                  out=str(tmp_path / "logits.npy")))
+    cache = np.load(tmp_path / "logits.npy")
+    teacher = load_gpt(teacher_path)
+    x, y = distill.load_codes(teacher_job.codes_train)
+    with torch.no_grad():
+        live = teacher(x[:5, :-1], y[:5])
+        live_null = teacher(x[:5, :-1], torch.full_like(y[:5], 3))
+    # the cache is made under bf16 autocast and stored in float16
+    torch.testing.assert_close(torch.from_numpy(cache[:5, 0]).float(), live, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(torch.from_numpy(cache[:5, 1]).float(), live_null, atol=0.1, rtol=0.05)
+
+    # the gather keeps the batch order and picks the null slot for null labels
+    targets = distill.TeacherLogits(None, str(tmp_path / "logits.npy"), len(x))
+    index, labels = np.array([7, 2, 5]), torch.tensor([0, 3, 1])
+    got = targets(index, x[index], labels, null_class=3)
+    assert torch.equal(got[1], torch.from_numpy(cache[2, 1]).float())
+    assert torch.equal(got[0], torch.from_numpy(cache[7, 0]).float())
+
+    student = distill.train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
+                                    teacher_logits=str(tmp_path / "logits.npy")))
+    log = list(csv.DictReader(open(tmp_path / "fkl" / "train_log.csv")))
+    assert float(log[-1]["kd"]) < 0.7 * float(log[0]["kd"])
+    assert torch.load(student, weights_only=True)["train"]["val_nll"] < np.log(16)
+
+
+def test_mismatched_vocabulary_fails_before_training(codes, tmp_path):
+    bad = job(codes, tmp_path / "x")
+    bad.model = GPTConfig(**{**TINY, "vocab_size": 8})
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        distill.train_gpt(bad)
+    assert not (tmp_path / "x" / "train_log.csv").exists()
+
+
+def test_validation_nll_of_a_uniform_model_is_log_vocab(codes):
+    model = GPT(GPTConfig(**TINY))  # output.weight is zero-initialised: uniform predictions
+    x, y = distill.load_codes(codes / "codes_val.npz")
+    assert distill.validation_nll(model, x, y) == pytest.approx(np.log(16), rel=1e-5)
+
+
+def test_drop_labels_rate():
+    torch.manual_seed(0)
+    dropped = distill.drop_labels(torch.zeros(20000, dtype=torch.long), 0.1, null_class=9)
+    assert set(dropped.unique().tolist()) == {0, 9}
+    assert (dropped == 9).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "student.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="student.pt is corrupt"):
+        load_gpt(bad)
+    model = GPT(GPTConfig(**TINY))
+    save_model(tmp_path / "ok.pt", model, model.config)
+    state = torch.load(tmp_path / "ok.pt", weights_only=True)
+    state["model"]["norm.weights"] = state["model"].pop("norm.weight")
+    torch.save(state, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['norm.weight'\].*unexpected keys \['norm.weights'\]"):
+        load_gpt(tmp_path / "renamed.pt")

@@ -1,0 +1,1 @@
+"""varkd: knowledge distillation for visual autoregressive image models."""

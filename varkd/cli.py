@@ -1,0 +1,69 @@
+"""`varkd <command> <job.yaml>`: one command per workflow step, each reading the job config the workflow wrote.
+
+Snakemake rules call these; they also run by hand on any job config under results/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from varkd import config as C
+from varkd import distill, jobs
+
+
+COMMANDS: dict[str, tuple[type, Callable]] = {
+    "prepare-data": (C.PrepareDataJob, jobs.prepare_data),
+    "train-tokenizer": (C.TokenizerJob, jobs.train_tokenizer),
+    "extract-codes": (C.ExtractCodesJob, jobs.extract_codes),
+    "train-classifier": (C.ClassifierJob, jobs.train_classifier),
+    "train": (C.TrainJob, distill.train_gpt),
+    "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
+    "sample": (C.SampleJob, jobs.sample),
+    "evaluate": (C.EvaluateJob, jobs.evaluate),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="varkd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=f"run a {name} job")
+        p.add_argument("job", help="job config (YAML) written by the workflow")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--threads", type=int, default=int(os.environ.get("VARKD_THREADS", "0")),
+                       help="torch CPU threads (0: torch's default)")
+    agg = sub.add_parser("aggregate", help="gather metrics.json files into tables")
+    agg.add_argument("metrics", nargs="+", help="metrics.json files")
+    agg.add_argument("--out-dir", required=True)
+    check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
+    check.add_argument("study", help="study config, e.g. config/config.yaml")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "aggregate":
+            from varkd.aggregate import aggregate
+
+            aggregate(args.metrics, args.out_dir)
+        elif args.command == "check-config":
+            from varkd.study import Study
+
+            study = Study.load(args.study, args.study)
+            print(f"study {study.name!r}: {len(study.runs())} runs, {len(study.jobs)} jobs")
+        else:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            schema, run = COMMANDS[args.command]
+            job = C.load_job(schema, args.job)
+            run(job, torch.device(args.device))
+    except (C.ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as err:
+        print(f"varkd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

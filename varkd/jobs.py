@@ -1,0 +1,150 @@
+"""The workflow's steps other than GPT training, each a function of its job config (one CLI command each)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from varkd.checkpoints import load_gpt, load_model, load_vq, save_model
+from varkd.classifier import Classifier, accuracy, classifier_loss
+from varkd.config import (ClassifierJob, EvaluateJob, ExtractCodesJob, PrepareDataJob, SampleJob, TokenizerJob,
+                          to_yaml)
+from varkd.data import load_splits, read_split, save_splits
+from varkd.distill import load_codes, validation_nll
+from varkd.images import to_model_input
+from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance
+from varkd.loop import BatchOrder, train
+from varkd.models.gpt import GPT, GPTConfig
+from varkd.models.vq import VQModel
+from varkd.sampling import generate
+from varkd.tokenizer import reconstruction_mse, tokenizer_loss
+
+
+def prepare_data(job: PrepareDataJob, device: torch.device) -> None:
+    train_split, val_split = load_splits(job.data)
+    save_splits(job.out, train_split, val_split)
+    print(f"{job.out}: {len(train_split)} train / {len(val_split)} held-out images {train_split.images.shape[1:]}")
+
+
+def _train_images(images: str, model: torch.nn.Module, optim, out_dir: str, config_text: str, seed: int,
+                  loss, eval_fn, device: torch.device, desc: str) -> dict:
+    """Shared by the tokenizer and the classifier: minibatches of the train split through `loss`."""
+    torch.manual_seed(seed)
+    split = read_split(images, "train")
+    x, y = to_model_input(split.images), torch.from_numpy(split.labels)
+    order = BatchOrder(len(x), optim.batch_size, seed)
+
+    def loss_fn(step: int):
+        index = order(step)
+        return loss(model, x[index].to(device), y[index].to(device))
+
+    return train(model, loss_fn, optim, out_dir, config_text=config_text, eval_fn=eval_fn, device=device, desc=desc)
+
+
+def train_tokenizer(job: TokenizerJob, device: torch.device) -> None:
+    """The VQ tokenizer (LlamaGen architecture); held-out reconstruction MSE is logged."""
+    model = VQModel(job.tokenizer.model).to(device)
+    val = read_split(job.images, "val")
+    summary = _train_images(job.images, model, job.tokenizer.optim, job.out_dir, to_yaml(job), job.seed,
+                            lambda m, x, y: tokenizer_loss(m, x), lambda: {"val_rec_mse": reconstruction_mse(model, val.images)},
+                            device, "tokenizer")
+    save_model(Path(job.out_dir) / "tokenizer.pt", model, job.tokenizer.model, train=summary)
+    (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"tokenizer: held-out reconstruction MSE {summary['val_rec_mse']:.4f}")
+
+
+def extract_codes(job: ExtractCodesJob, device: torch.device) -> None:
+    """Codes of every image, one file per split: codes int32 [N, h*w] (raster order), labels int64 [N]."""
+    vq = load_vq(job.tokenizer).to(device)
+    for split in ("train", "val"):
+        images = read_split(job.images, split)
+        codes = vq.encode_to_codes(images.images, job.batch_size)
+        used = len(torch.unique(codes))
+        atomic_save_npz(Path(job.out_dir) / f"codes_{split}.npz", codes=codes.numpy().astype(np.int32),
+                        labels=images.labels)
+        print(f"codes_{split}: {tuple(codes.shape)}, {used} of {vq.config.codebook_size} codes used")
+
+
+def train_classifier(job: ClassifierJob, device: torch.device) -> None:
+    """The metric's feature network, trained on the train split; held-out accuracy is logged."""
+    model = Classifier(job.classifier.model).to(device)
+    val = read_split(job.images, "val")
+    summary = _train_images(job.images, model, job.classifier.optim, job.out_dir, to_yaml(job), job.seed,
+                            classifier_loss, lambda: {"val_acc": accuracy(model, val.images, val.labels)},
+                            device, "classifier")
+    save_model(Path(job.out_dir) / "classifier.pt", model, job.classifier.model, train=summary)
+    (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"classifier: held-out accuracy {summary['val_acc']:.4f}")
+
+
+def save_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, per_class: int) -> None:
+    """One row per class, its first `per_class` samples left to right."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    rows = []
+    for c in np.unique(labels):
+        chosen = images[labels == c][:per_class]
+        pad = np.zeros((per_class - len(chosen), *images.shape[1:]), dtype=np.uint8)
+        rows.append(np.concatenate([chosen, pad]))
+    grid = make_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), nrow=per_class, padding=2)
+    scale = max(1, 256 // images.shape[1])  # tiny images are upscaled so the grid is readable
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    with atomic_path(path, suffix=".png") as tmp:
+        picture.save(tmp)
+
+
+def sample(job: SampleJob, device: torch.device) -> None:
+    """N class-balanced samples (plain AR decoding, KV cache, CFG) -> samples.npz (arr_0 uint8 NHWC) + grid.png."""
+    cfg = job.sample
+    model, vq = load_gpt(job.checkpoint).to(device), load_vq(job.tokenizer).to(device)
+    if model.config.vocab_size != vq.config.codebook_size:
+        raise ValueError(f"{job.checkpoint} vocab_size={model.config.vocab_size} != tokenizer {job.tokenizer} "
+                         f"codebook_size={vq.config.codebook_size}")
+    classes = model.config.num_classes
+    labels = torch.arange(classes).repeat_interleave(math.ceil(cfg.num_samples / classes))[: cfg.num_samples]
+    generator = torch.Generator(device).manual_seed(job.seed * 10007 + cfg.seed)
+    start, images = time.perf_counter(), []
+    for i in range(0, cfg.num_samples, cfg.batch_size):
+        codes = generate(model, labels[i : i + cfg.batch_size].to(device), cfg_scale=cfg.cfg_scale,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        images.append(vq.decode_to_uint8(codes).numpy())
+    images, labels = np.concatenate(images), labels.numpy()
+    seconds = time.perf_counter() - start
+    out = Path(job.out_dir)
+    atomic_save_npz(out / "samples.npz", arr_0=images, labels=labels, sample_seconds=np.float64(seconds))
+    save_grid(out / "grid.png", images, labels, cfg.grid_per_class)
+    print(f"{out / 'samples.npz'}: {images.shape} in {seconds:.1f} s")
+
+
+def evaluate(job: EvaluateJob, device: torch.device) -> None:
+    """FID / IS / precision / recall against the held-out images, plus the model's validation NLL."""
+    from varkd.metrics import compute_metrics
+
+    start = time.perf_counter()
+    generated = load_npz(job.samples, [job.samples_key])[job.samples_key]
+    if job.num_samples and len(generated) > job.num_samples:
+        pick = np.random.default_rng(job.seed).choice(len(generated), job.num_samples, replace=False)
+        generated = generated[np.sort(pick)]
+    real = read_split(job.reference, "val").images
+    weights = job.evaluate.weights or job.classifier
+    result = {**job.identity}
+    result.update(compute_metrics(generated, real, feature_extractor=job.evaluate.feature_extractor,
+                                  weights_path=weights, device=device.type, kid=job.evaluate.kid,
+                                  prc_neighborhood=job.evaluate.prc_neighborhood,
+                                  isc_splits=job.evaluate.isc_splits, seed=job.seed))
+    if job.checkpoint:
+        model, ckpt = load_model(job.checkpoint, GPTConfig, GPT, "GPT checkpoint")
+        codes, labels = load_codes(job.codes_val)
+        result["val_nll"] = validation_nll(model.eval().to(device), codes, labels, device=device)
+        result["train_wall_s"] = ckpt.get("train", {}).get("wall_s")
+        result["train_steps"] = ckpt.get("train", {}).get("steps")
+    result["eval_wall_s"] = round(time.perf_counter() - start, 2)
+    result["provenance"] = provenance(device.type)
+    atomic_write_json(job.out, result)
+    print(f"{job.out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in ("fid", "isc_mean", "precision", "recall")
+                                     if isinstance(result.get(k), float)))

@@ -1,0 +1,166 @@
+"""The one training loop: every model the workflow trains (tokenizer, metric classifier, teacher, students).
+
+It owns what must be right once: AdamW with warm-up and decay, bf16 autocast, gradient clipping, a NaN guard,
+`train_log.csv`, and checkpoints every N steps from which a killed or requeued job resumes *exactly* (model,
+optimizer, RNG and data order are all restored; batches are a pure function of the step).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from varkd.config import OptimConfig
+from varkd.io import atomic_torch_save, load_checkpoint
+
+LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[], dict[str, float]]
+
+
+class BatchOrder:
+    """Indices of the batch at a given step: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int):
+        if num_items < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {num_items} training items")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.per_epoch = num_items // batch_size  # drop the ragged tail
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up to cfg.lr, then constant / cosine / linear decay to cfg.lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on >= 2-D weights only (matrices and embeddings), as LlamaGen."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CsvLog:
+    """train_log.csv, one row per logged step; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path, self.fields = path, None
+        rows = []
+        if resume_step > 0 and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        if rows:
+            self.fields = list(rows[0])
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, float]) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: str | Path, *, config_text: str,
+          eval_fn: Optional[EvalFn] = None, device: torch.device = torch.device("cpu"),
+          desc: str = "train") -> dict:
+    """Run cfg.steps optimisation steps of `loss_fn(step)`, resuming from `out_dir/checkpoint.pt` if present.
+
+    `config_text` identifies the run: a checkpoint written under a different config is not resumed.
+    Returns a summary (steps, wall time, last logs, final evaluation). Leaves `checkpoint.pt` in place; the
+    caller deletes it once the final weights are written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, run_id = out_dir / "checkpoint.pt", digest(config_text)
+    optimizer = make_optimizer(model, cfg)
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, "training checkpoint")
+        if state.get("run_id") == run_id:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            step, elapsed = state["step"], state["elapsed"]
+            print(f"[{desc}] resuming from {ckpt_path} at step {step}")
+        else:
+            print(f"[{desc}] ignoring {ckpt_path}: it was written under a different config")
+    log = CsvLog(out_dir / "train_log.csv", step)
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
+                                      "run_id": run_id})
+
+    model.train()
+    start, logs = time.perf_counter() - elapsed, {}
+    with tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=2.0, dynamic_ncols=True) as bar:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, cfg.precision):
+                loss, logs = loss_fn(step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{desc}] non-finite loss {loss.item()} at step {step} (terms: {logs}); "
+                                         "lower optim.lr or use optim.precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            step += 1
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            evaluate_now = eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
+                row = {"step": step, "lr": lr, "loss": loss.item(), "grad_norm": grad_norm.item(), **logs,
+                       "elapsed_s": round(elapsed, 2)}
+                if evaluate_now:
+                    row.update(eval_fn())
+                    model.train()
+                log.write(row)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_checkpoint()
+    save_checkpoint()  # the caller's final file may fail to write: keep a resumable state until it exists
+    final = eval_fn() if eval_fn is not None else {}
+    return {"steps": step, "wall_s": round(elapsed, 2), **{f"final_{k}": v for k, v in logs.items()}, **final}

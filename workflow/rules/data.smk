@@ -1,0 +1,57 @@
+rule resolve_config:
+    """A job's config, written before the job; it changes (and so reruns the job) only when its text does."""
+    output:
+        "results/{study}/{job}.yaml",
+    params:
+        text=lambda wc: STUDY.job_text(f"results/{wc.study}/{wc.job}.yaml"),
+    localrule: True
+    run:
+        atomic_write_text(output[0], params.text)
+
+
+rule prepare_data:
+    input:
+        unpack(job("results/{study}/data/config.yaml")),
+    output:
+        "results/{study}/data/images.npz",
+    log:
+        "results/logs/{study}/prepare_data.log",
+    shell:
+        "varkd prepare-data {input.config} > {log} 2>&1"
+
+
+rule train_tokenizer:
+    input:
+        unpack(job("results/{study}/data/tokenizer/config.yaml")),
+    output:
+        "results/{study}/data/tokenizer/tokenizer.pt",
+    log:
+        "results/logs/{study}/train_tokenizer.log",
+    threads: 1
+    shell:
+        "varkd train-tokenizer {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule extract_codes:
+    input:
+        unpack(job("results/{study}/data/codes/config.yaml")),
+    output:
+        "results/{study}/data/codes/codes_train.npz",
+        "results/{study}/data/codes/codes_val.npz",
+    log:
+        "results/logs/{study}/extract_codes.log",
+    threads: 1
+    shell:
+        "varkd extract-codes {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule train_classifier:
+    input:
+        unpack(job("results/{study}/data/classifier/config.yaml")),
+    output:
+        "results/{study}/data/classifier/classifier.pt",
+    log:
+        "results/logs/{study}/train_classifier.log",
+    threads: 1
+    shell:
+        "varkd train-classifier {input.config} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,35 @@
+rule train_teacher:
+    input:
+        unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
+    output:
+        "results/{study}/{backbone}/teacher/teacher.pt",
+    log:
+        "results/logs/{study}/{backbone}/teacher/train.log",
+    threads: 2
+    shell:
+        "varkd train {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule cache_teacher_logits:
+    """The teacher's logits on every training sequence, computed once per backbone for ground-truth KD."""
+    input:
+        unpack(job("results/{study}/{backbone}/teacher/logits.yaml")),
+    output:
+        "results/{study}/{backbone}/teacher/logits_train.npy",
+    log:
+        "results/logs/{study}/{backbone}/teacher/logits.log",
+    threads: 2
+    shell:
+        "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule train_student:
+    input:
+        unpack(job("results/{study}/{backbone}/{method}/seed{seed}/config.yaml")),
+    output:
+        "results/{study}/{backbone}/{method}/seed{seed}/student.pt",
+    log:
+        "results/logs/{study}/{backbone}/{method}/seed{seed}/train.log",
+    threads: 1
+    shell:
+        "varkd train {input.config} --threads {threads} > {log} 2>&1"
