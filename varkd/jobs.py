@@ -91,7 +91,7 @@ def save_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, per_clas
         pad = np.zeros((per_class - len(chosen), *images.shape[1:]), dtype=np.uint8)
         rows.append(np.concatenate([chosen, pad]))
     grid = make_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), nrow=per_class, padding=2)
-    scale = max(1, 256 // images.shape[1])  # tiny images are upscaled so the grid is readable
+    scale = max(1, 128 // images.shape[1])  # tiny images are upscaled so the grid is readable
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     with atomic_path(path, suffix=".png") as tmp:

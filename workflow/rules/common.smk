@@ -2,7 +2,6 @@ import re
 
 from snakemake.utils import validate
 
-from varkd.io import atomic_write_text
 from varkd.study import Study
 
 

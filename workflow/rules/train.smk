@@ -5,7 +5,7 @@ rule train_teacher:
         "results/{study}/{backbone}/teacher/teacher.pt",
     log:
         "results/logs/{study}/{backbone}/teacher/train.log",
-    threads: 2
+    threads: 1
     shell:
         "varkd train {input.config} --threads {threads} > {log} 2>&1"
 
@@ -18,7 +18,7 @@ rule cache_teacher_logits:
         "results/{study}/{backbone}/teacher/logits_train.npy",
     log:
         "results/logs/{study}/{backbone}/teacher/logits.log",
-    threads: 2
+    threads: 1
     shell:
         "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
 
