@@ -71,3 +71,14 @@ def test_cli_reports_bad_job_file_cleanly(tmp_path, capsys):
 def test_to_yaml_is_stable(study_dict):
     a, b = Study.load(study_dict), Study.load(study_dict)
     assert all(to_yaml(a.jobs[k]) == to_yaml(b.jobs[k]) for k in a.jobs)
+
+
+def test_stale_job_configs_are_found_by_content(study_dict, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = Study.load(study_dict)
+    path = "results/embedded/tiny/fkl/seed0/config.yaml"
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text(study.job_text(path))
+    assert study.stale_job_configs() == []
+    (tmp_path / path).write_text(study.job_text(path).replace("steps: 1000", "steps: 1500"))
+    assert study.stale_job_configs() == [path]

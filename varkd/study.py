@@ -120,6 +120,10 @@ class Study:
             raise KeyError(f"{path} is not a job config of study {self.name!r}")
         return to_yaml(self.jobs[path])
 
+    def stale_job_configs(self) -> list[str]:
+        """Job configs on disk whose text differs from what the study resolves to now."""
+        return [p for p in self.jobs if Path(p).is_file() and Path(p).read_text() != self.job_text(p)]
+
     def job_inputs(self, path: str) -> list[str]:
         """The job's own config plus every file it reads."""
         return [path, *self.jobs[path].inputs()]

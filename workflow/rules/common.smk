@@ -1,4 +1,6 @@
+import os
 import re
+import sys
 
 from snakemake.utils import validate
 
@@ -7,6 +9,11 @@ from varkd.study import Study
 
 validate(config, "../schemas/config.schema.yaml")
 STUDY = Study.load(config, source="study config")
+for path in STUDY.stale_job_configs():
+    # Snakemake reruns resolve_config when its params change, but only where it recorded them: a run stopped
+    # between a config's write and that record would keep the stale text. Removing it makes it missing.
+    print(f"job config changed, will be rewritten: {path}", file=sys.stderr)
+    os.remove(path)
 
 
 wildcard_constraints:
