@@ -12,7 +12,7 @@ def test_embedded_study_resolves(study_dict):
     assert study.name == "embedded"
     assert len(study.runs()) == len(study_dict["backbones"]) * len(study_dict["methods"]) * len(study_dict["seeds"])
     job = study.jobs["results/embedded/tiny/fkl/seed0/config.yaml"]
-    assert job.kd.divergence == "fkl" and job.teacher_logits.endswith("tiny/teacher/logits_train.npy")
+    assert job.kd.terms[0].divergence == "fkl" and job.teacher_logits.endswith("tiny/teacher/logits_train.npy")
     ce = study.jobs["results/embedded/tiny/ce/seed0/config.yaml"]
     assert ce.teacher is None and ce.teacher_logits is None  # CE needs no teacher, so it need not wait for one
 
@@ -42,11 +42,14 @@ def test_bad_study_config_names_the_key(study_dict, edit, message):
 
 
 def test_bad_method_preset_names_file_and_key(study_dict, presets):
-    (presets / "methods" / "fkl.yaml").write_text("divergence: fkl\ntemprature: 2.0\n")
+    (presets / "methods" / "fkl.yaml").write_text("terms: [{divergence: fkl}]\ntemprature: 2.0\n")
     with pytest.raises(ConfigError, match=r"fkl.yaml.*temprature"):
         Study.load(study_dict)
-    (presets / "methods" / "fkl.yaml").write_text("divergence: kl\n")
+    (presets / "methods" / "fkl.yaml").write_text("terms: [{divergence: kl}]\n")
     with pytest.raises(ConfigError, match=r"fkl.yaml.*divergence='kl'"):
+        Study.load(study_dict)
+    (presets / "methods" / "fkl.yaml").write_text("terms: [{divergence: jsd, beta: 1.5}]\n")
+    with pytest.raises(ConfigError, match=r"fkl.yaml.*beta must be in \[0, 1\]"):
         Study.load(study_dict)
 
 
@@ -82,3 +85,32 @@ def test_stale_job_configs_are_found_by_content(study_dict, tmp_path, monkeypatc
     assert study.stale_job_configs() == []
     (tmp_path / path).write_text(study.job_text(path).replace("steps: 1000", "steps: 1500"))
     assert study.stale_job_configs() == [path]
+
+
+def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(study_dict, presets):
+    """Adding a method is adding a YAML file: each preset resolves, with exactly the teacher inputs it uses."""
+    names = sorted(p.stem for p in (presets / "methods").glob("*.yaml"))
+    study = Study.load({**study_dict, "methods": names})
+    expect = {  # name: (live teacher checkpoint, cached ground-truth logits)
+        "ce": (False, False), "fkl": (False, True), "rkl": (False, True), "seqkd": (True, False),
+        "imitkd": (True, False), "gkd": (True, True), "onpolicy_rkl": (True, False), "distillm": (True, True),
+        "distillm2": (True, False),
+    }
+    for name in names:
+        job = study.jobs[f"results/embedded/tiny/{name}/seed0/config.yaml"]
+        got = (job.teacher is not None, job.teacher_logits is not None)
+        assert got == expect.get(name, got), name
+
+
+def test_backbones_can_share_a_teacher(study_dict, presets):
+    (presets / "backbones" / "wide.yaml").write_text(
+        "teacher_from: tiny\nstudent: {dim: 128, n_layer: 2, n_head: 4, vocab_size: 256, num_classes: 10, "
+        "block_size: 64}\n")
+    study = Study.load({**study_dict, "backbones": ["tiny", "wide"]})
+    assert study.teacher_owners == ["tiny"]
+    job = study.jobs["results/embedded/wide/fkl/seed0/config.yaml"]
+    assert job.teacher_logits == "results/embedded/tiny/teacher/logits_train.npy"
+    assert "results/embedded/wide/teacher/config.yaml" not in study.jobs
+    (presets / "backbones" / "wide.yaml").write_text("teacher_from: nowhere\nstudent: {vocab_size: 256}\n")
+    with pytest.raises(ConfigError, match="teacher_from='nowhere'"):
+        Study.load({**study_dict, "backbones": ["tiny", "wide"]})

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from varkd import distill
+from varkd import distill, sources
 from varkd.checkpoints import load_gpt, save_model
-from varkd.config import MethodConfig, OptimConfig, TeacherLogitsJob, TrainJob
+from varkd.config import AdaptiveConfig, MethodConfig, OptimConfig, TeacherLogitsJob, TermConfig, TrainJob
 from varkd.io import atomic_save_npz
 from varkd.loop import BatchOrder, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
@@ -31,9 +31,9 @@ def codes(tmp_path):
     return tmp_path
 
 
-def job(codes, out, method="ce", steps=12, **kw) -> TrainJob:
-    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY),
-                    kd=MethodConfig(divergence=method),
+def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
+    kd = kd or MethodConfig(terms=[TermConfig(divergence=method)])
+    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY), kd=kd,
                     optim=OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4,
                                       log_every=1, precision="fp32"),
                     codes_train=str(codes / "codes_train.npz"), codes_val=str(codes / "codes_val.npz"),
@@ -60,7 +60,7 @@ def test_batch_order_is_a_permutation_per_epoch_and_deterministic():
 def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, monkeypatch):
     straight = distill.train_gpt(job(codes, tmp_path / "a"))
 
-    real_drop, calls = distill.drop_labels, {"n": 0}
+    real_drop, calls = sources.drop_labels, {"n": 0}
 
     def killed_at_step_6(*args):
         calls["n"] += 1
@@ -68,11 +68,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, mon
             raise KeyboardInterrupt
         return real_drop(*args)
 
-    monkeypatch.setattr(distill, "drop_labels", killed_at_step_6)
+    monkeypatch.setattr(sources, "drop_labels", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         distill.train_gpt(job(codes, tmp_path / "b"))
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "student.pt").exists()
-    monkeypatch.setattr(distill, "drop_labels", real_drop)
+    monkeypatch.setattr(sources, "drop_labels", real_drop)
     resumed = distill.train_gpt(job(codes, tmp_path / "b"))
 
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
@@ -119,16 +119,17 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
     torch.testing.assert_close(torch.from_numpy(cache[:5, 1]).float(), live_null, atol=0.1, rtol=0.05)
 
     # the gather keeps the batch order and picks the null slot for null labels
-    targets = distill.TeacherLogits(None, str(tmp_path / "logits.npy"), len(x))
+    targets = distill.TeacherTargets(None, str(tmp_path / "logits.npy"), len(x), null_class=3)
     index, labels = np.array([7, 2, 5]), torch.tensor([0, 3, 1])
-    got = targets(index, x[index], labels, null_class=3)
+    got = targets(sources.Batch(x[index], labels, index), x[index], labels)
     assert torch.equal(got[1], torch.from_numpy(cache[2, 1]).float())
     assert torch.equal(got[0], torch.from_numpy(cache[7, 0]).float())
 
     student = distill.train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
                                     teacher_logits=str(tmp_path / "logits.npy")))
     log = list(csv.DictReader(open(tmp_path / "fkl" / "train_log.csv")))
-    assert float(log[-1]["kd"]) < 0.7 * float(log[0]["kd"])
+    assert float(log[-1]["ground_truth_fkl"]) < 0.7 * float(log[0]["ground_truth_fkl"])
+    assert log[-1]["teacher_forwards"] == "0"  # every target came from the cache
     assert torch.load(student, weights_only=True)["train"]["val_nll"] < np.log(16)
 
 
@@ -148,7 +149,7 @@ def test_validation_nll_of_a_uniform_model_is_log_vocab(codes):
 
 def test_drop_labels_rate():
     torch.manual_seed(0)
-    dropped = distill.drop_labels(torch.zeros(20000, dtype=torch.long), 0.1, null_class=9)
+    dropped = sources.drop_labels(torch.zeros(20000, dtype=torch.long), 0.1, null_class=9)
     assert set(dropped.unique().tolist()) == {0, 9}
     assert (dropped == 9).float().mean().item() == pytest.approx(0.1, abs=0.01)
 

@@ -20,8 +20,9 @@ MINIATURE = {
     "tokenizer": {"model": {"ch": 8, "z_channels": 16, "norm_groups": 4},
                   "optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
     "classifier": {"optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
+    "backbones": ["tiny"],
     "seeds": [0],
-    "student_optim": {"steps": 10, "checkpoint_every": 5, "log_every": 5, "eval_every": 0},
+    "student_optim": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
     "sample": {"num_samples": 20, "batch_size": 20},
     "evaluate": {"isc_splits": 2},
 }
@@ -58,7 +59,12 @@ def test_dry_run_of_the_embedded_study(presets):
     out = snakemake(presets.parent, "-n", "all").stdout
     for rule in ("train_teacher", "cache_teacher_logits", "train_student", "sample", "evaluate", "aggregate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
-    assert "results/embedded/tiny/fkl/seed1/metrics.json" in out
+    assert "results/embedded/tiny_wide/fkl/seed1/metrics.json" in out
+    assert out.count("\nrule train_teacher:") == 1  # tiny_wide borrows tiny's teacher
+    out = snakemake(presets.parent, "-n", "all_baselines").stdout
+    for method in ("rkl", "seqkd", "imitkd", "gkd", "onpolicy_rkl", "distillm", "distillm2"):
+        assert f"results/embedded/tiny_wide/{method}/seed1/metrics.json" in out, method
+    assert "results/embedded/tables/baselines.csv" in out
 
 
 def test_bad_config_fails_before_any_job(presets):
@@ -100,3 +106,13 @@ def test_miniature_study_end_to_end(presets):
     fkl.write_text(fkl.read_text().replace("temperature: 1.0", "temperature: 2.0"))
     assert jobs_to_run(workdir) == {"resolve_config": 1, "train_student": 1, "sample": 1, "evaluate": 1,
                                     "aggregate": 1}
+    fkl.write_text(fkl.read_text().replace("temperature: 2.0", "temperature: 1.0"))
+
+    # every baseline preset runs through the same rules (on-policy ones sample with the student, etc.)
+    snakemake(workdir, "all_baselines")
+    table = pd.read_csv(root / "tables" / "baselines.csv")
+    assert list(table["method"]) == ["real", "teacher"] + study["baselines"]
+    assert table[["fid", "val_nll"]].notna().all().all()
+    on_policy = table.set_index("method").loc[["imitkd", "onpolicy_rkl", "distillm2"]]
+    assert (on_policy["train_rollouts"] > 0).all()
+    assert table.set_index("method").loc["fkl", "train_teacher_forwards"] == 0  # cached logits only

@@ -1,4 +1,4 @@
-"""metrics.json files -> the study's tables: one row per run (main.csv) and a readable Markdown copy (main.md)."""
+"""metrics.json files -> a results table: one row per run (<name>.csv) and a readable Markdown copy (<name>.md)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import pandas as pd
 from varkd.io import atomic_path, atomic_write_text
 
 COLUMNS = ["backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "val_nll", "isc_std",
-           "num_samples", "num_real", "feature_extractor", "train_steps", "train_wall_s"]
+           "num_samples", "num_real", "feature_extractor", "train_steps", "train_wall_s", "train_teacher_forwards",
+           "train_rollouts", "train_rollout_tokens", "train_replayed"]
 METRICS = ["fid", "isc_mean", "precision", "recall", "val_nll"]
 
 
@@ -43,16 +44,16 @@ def _mean_pm_std(summary: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
-def aggregate(paths: list[str], out_dir: str | Path) -> pd.DataFrame:
+def aggregate(paths: list[str], out_dir: str | Path, name: str = "main") -> pd.DataFrame:
     frame = load_metrics(paths)
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / "main.csv", suffix=".csv") as tmp:
+    with atomic_path(out_dir / f"{name}.csv", suffix=".csv") as tmp:
         frame.to_csv(tmp, index=False)
     summary = summarise(frame)
-    text = ("# Main results\n\nMean ± standard deviation over seeds. FID lower is better, IS higher; "
+    text = (f"# Results: {name}\n\nMean ± standard deviation over seeds. FID lower is better, IS higher; "
             "val_nll is the held-out negative log-likelihood per code (nats).\n\n"
             + _mean_pm_std(summary).to_markdown(index=False)
             + "\n\n## Every run\n\n" + frame.to_markdown(index=False, floatfmt=".4g") + "\n")
-    atomic_write_text(out_dir / "main.md", text)
+    atomic_write_text(out_dir / f"{name}.md", text)
     print(_mean_pm_std(summary).to_string(index=False))
     return frame

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     agg = sub.add_parser("aggregate", help="gather metrics.json files into tables")
     agg.add_argument("metrics", nargs="+", help="metrics.json files")
     agg.add_argument("--out-dir", required=True)
+    agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv and .md")
     check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
     check.add_argument("study", help="study config, e.g. config/config.yaml")
     args = parser.parse_args(argv)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "aggregate":
             from varkd.aggregate import aggregate
 
-            aggregate(args.metrics, args.out_dir)
+            aggregate(args.metrics, args.out_dir, args.name)
         elif args.command == "check-config":
             from varkd.study import Study
 

@@ -87,29 +87,100 @@ class OptimConfig:
             raise ConfigError("warmup_steps, eval_every and grad_clip must be >= 0")
 
 
-DIVERGENCES = ("ce", "fkl")
-DATA_SOURCES = ("ground_truth",)
+DIVERGENCES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")  # ce: hard labels; the rest: varkd.losses
+DATA_SOURCES = ("ground_truth", "teacher", "student", "mixed", "adaptive")
+
+
+@dataclass
+class TermConfig:
+    """One loss term: a divergence on sequences from one data source (design section 2)."""
+
+    data: str = "ground_truth"  # ground_truth | teacher (samples) | student (samples) | mixed (lmbda) | adaptive (DistiLLM)
+    divergence: str = "fkl"  # ce (hard labels on the sequence) | fkl | rkl | jsd | skl | srkl | tvd
+    weight: float = 1.0
+    beta: float = 0.5  # jsd: M = beta * teacher + (1 - beta) * student (GKD convention: 0 -> FKL, 1 -> RKL)
+    alpha: float = 0.1  # skl / srkl: skew of the mixture (DistiLLM)
+    detach_mixture: bool = False  # srkl: stop-gradient on the student inside the mixture (DistiLLM-2: true)
+
+    def __post_init__(self):
+        _check_choice("data", self.data, DATA_SOURCES)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        for name in ("beta", "alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.weight < 0:
+            raise ConfigError(f"weight must be >= 0, got {self.weight}")
+
+    @property
+    def uses_teacher_logits(self) -> bool:
+        return self.divergence != "ce"
+
+
+@dataclass
+class RolloutConfig:
+    """Sequences sampled during training (no gradient, models in eval mode, KV-cache sampler)."""
+
+    cfg_scale: float = 1.0  # assumption: unguided rollouts; kd-methods.md section 8 suggests ablating this
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    null_fraction: float = 0.1  # share of rollouts drawn for, and trained with, the null class (keeps CFG calibrated)
+
+    def __post_init__(self):
+        if self.cfg_scale < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("rollout needs cfg_scale >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if not 0 <= self.null_fraction < 1:
+            raise ConfigError(f"null_fraction must be in [0, 1), got {self.null_fraction}")
+
+
+@dataclass
+class AdaptiveConfig:
+    """DistiLLM's adaptive off-policy schedule (kd-methods.md section 3; their defaults)."""
+
+    init_threshold: float = 0.0
+    loss_eps: float = 0.1
+    increment: float = 0.1
+    replay_ratio: str = "decreasing"  # decreasing | constant | increasing
+    capacity: int = 1000  # replay buffer size in sequences
+    eval_every: int = 62  # DistiLLM validates once per epoch: 4,000 sequences / batch 64
+
+    def __post_init__(self):
+        _check_choice("replay_ratio", self.replay_ratio, ("decreasing", "constant", "increasing"))
+        _check_positive(self, "capacity", "eval_every")
 
 
 @dataclass
 class MethodConfig:
-    """A distillation method as a point on the axes of the study (design section 2)."""
+    """A distillation method as a point on the axes of the study: a sum of terms plus how data is drawn."""
 
-    divergence: str = "ce"  # ce: hard labels only (no teacher); fkl: KL(teacher || student) per position
-    data_source: str = "ground_truth"  # sequences the loss is computed on
-    temperature: float = 1.0  # same tau for both models; the KD term is multiplied by tau^2 (Hinton)
-    ce_weight: float = 0.0  # weight of an extra hard-label CE term beside the distillation term
+    terms: list[TermConfig] = field(default_factory=lambda: [TermConfig(divergence="ce")])
+    temperature: float = 1.0  # same tau for both models; divergences are multiplied by tau^2 (Hinton)
+    lmbda: float = 0.5  # data=mixed: probability that a step trains on fresh student samples (GKD)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
     def __post_init__(self):
-        _check_choice("divergence", self.divergence, DIVERGENCES)
-        _check_choice("data_source", self.data_source, DATA_SOURCES)
+        if not self.terms:
+            raise ConfigError("terms must list at least one loss term")
         _check_positive(self, "temperature")
-        if self.ce_weight < 0:
-            raise ConfigError(f"ce_weight must be >= 0, got {self.ce_weight}")
+        if not 0 <= self.lmbda <= 1:
+            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if sum(t.data == "adaptive" for t in self.terms) > 1:
+            raise ConfigError("at most one term may use data=adaptive (it owns the replay buffer)")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.divergence != "ce"
+        return any(t.uses_teacher_logits or t.data == "teacher" for t in self.terms)
+
+    @property
+    def uses_cached_logits(self) -> bool:
+        """Some steps distil on ground-truth codes, whose teacher logits are cached once per teacher."""
+        return any(t.uses_teacher_logits and t.data in ("ground_truth", "mixed", "adaptive") for t in self.terms)
+
+    @property
+    def needs_live_teacher(self) -> bool:
+        """Some steps need the teacher itself: to sample, or to score sampled sequences."""
+        return any(t.data == "teacher" or (t.uses_teacher_logits and t.data != "ground_truth") for t in self.terms)
 
 
 @dataclass
@@ -159,20 +230,32 @@ class MetricClassifierConfig:
 
 @dataclass
 class BackboneConfig:
-    """A teacher -> student pair of one AR family (`config/backbones/<name>.yaml`)."""
+    """A teacher -> student pair of one AR family (`config/backbones/<name>.yaml`).
+
+    `teacher_from` reuses the teacher of another backbone of the study (one teacher, several students), so
+    capacity gaps can be compared without training the same teacher twice.
+    """
 
     family: str = "llamagen"  # raster next-token GPT
-    teacher: GPTConfig = field(default_factory=GPTConfig)
+    teacher: Optional[GPTConfig] = None
+    teacher_from: Optional[str] = None
     student: GPTConfig = field(default_factory=GPTConfig)
     teacher_optim: OptimConfig = field(default_factory=OptimConfig)
     teacher_seed: int = 0
 
     def __post_init__(self):
         _check_choice("family", self.family, ("llamagen",))
-        for key in ("vocab_size", "num_classes", "block_size"):
-            if getattr(self.teacher, key) != getattr(self.student, key):
-                raise ConfigError(f"teacher.{key}={getattr(self.teacher, key)} != student.{key}="
-                                  f"{getattr(self.student, key)}: teacher and student must share tokens and classes")
+        if (self.teacher is None) == (self.teacher_from is None):
+            raise ConfigError("give exactly one of teacher (a GPT config) or teacher_from (another backbone)")
+        if self.teacher is not None:
+            check_pair(self.teacher, self.student)
+
+
+def check_pair(teacher: GPTConfig, student: GPTConfig) -> None:
+    for key in ("vocab_size", "num_classes", "block_size"):
+        if getattr(teacher, key) != getattr(student, key):
+            raise ConfigError(f"teacher.{key}={getattr(teacher, key)} != student.{key}={getattr(student, key)}: "
+                              "teacher and student must share tokens and classes")
 
 
 @dataclass
@@ -185,7 +268,8 @@ class StudyConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     classifier: MetricClassifierConfig = field(default_factory=MetricClassifierConfig)
     backbones: list[str] = field(default_factory=list)
-    methods: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)  # target all -> tables/main.csv
+    baselines: list[str] = field(default_factory=list)  # target all_baselines -> tables/baselines.csv
     seeds: list[int] = field(default_factory=lambda: [0])
     student_optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -194,11 +278,11 @@ class StudyConfig:
     def __post_init__(self):
         if not self.backbones or not self.methods or not self.seeds:
             raise ConfigError("backbones, methods and seeds must each list at least one entry")
-        for key in ("backbones", "methods", "seeds"):
+        for key in ("backbones", "methods", "baselines", "seeds"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key} has duplicates: {values}")
-        if "teacher" in self.methods:
+        if "teacher" in self.methods + self.baselines:
             raise ConfigError("'teacher' is reserved for the teacher runs; it cannot be a method name")
 
 
@@ -261,7 +345,7 @@ class TrainJob:
     optim: OptimConfig = field(default_factory=OptimConfig)
     codes_train: str = "???"
     codes_val: str = "???"
-    teacher: Optional[str] = None  # teacher checkpoint, for methods that need one
+    teacher: Optional[str] = None  # teacher checkpoint, for methods that sample from it or score samples
     teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
     out_dir: str = "???"
     checkpoint_name: str = "student.pt"

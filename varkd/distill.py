@@ -1,8 +1,8 @@
 """GPT training on VQ codes: the teacher (CE) and every student method, driven by the method config.
 
-The method is data: `MethodConfig.divergence` picks the per-position loss, `data_source` the sequences it is
-computed on. Teacher and student always see the same class label, null or not (kd-methods.md section 9): the
-label dropout that CFG needs happens here, once, before either model runs.
+The method is data: a sum of terms, each a divergence (`varkd.losses`) on sequences from a data source
+(`varkd.sources`). Teacher and student always see the same class label, null or not (kd-methods.md section 9):
+labels are dropped once, when the batch is drawn, before either model runs.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import torch
 
 from varkd import losses
 from varkd.checkpoints import load_gpt, save_model
-from varkd.config import TeacherLogitsJob, TrainJob, to_yaml
+from varkd.config import TeacherLogitsJob, TermConfig, TrainJob, to_yaml
 from varkd.io import atomic_path, load_npz, provenance
 from varkd.loop import BatchOrder, autocast, train
-from varkd.models.gpt import GPT
+from varkd.models.gpt import GPT, GPTConfig
+from varkd.sources import Batch, StepData
 
 
 def load_codes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,33 +39,31 @@ def check_codes(codes: torch.Tensor, labels: torch.Tensor, model: GPT, source: s
         raise ValueError(f"{source}: label {int(labels.max())} >= model num_classes={cfg.num_classes}")
 
 
-def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
-    """Replace each label by the null class with probability p (classifier-free guidance training)."""
-    return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null_class), labels)
+class TeacherTargets:
+    """Teacher logits for a batch: from the per-teacher cache for ground-truth rows, else a live forward."""
 
-
-class TeacherLogits:
-    """Teacher logits for ground-truth batches: read from the per-backbone cache, or computed live."""
-
-    def __init__(self, teacher: Optional[GPT], cache: Optional[str], num_items: int):
-        self.teacher, self.cache = teacher, None
+    def __init__(self, teacher: Optional[GPT], cache: Optional[str], num_items: int, null_class: int,
+                 counts: Optional[dict] = None):
+        self.teacher, self.cache, self.null_class = teacher, None, null_class
+        self.counts = {} if counts is None else counts  # teacher_forwards, checkpointed with the run's counts
         if cache is not None:
             self.cache = np.load(cache, mmap_mode="r")
             if self.cache.ndim != 4 or self.cache.shape[0] != num_items or self.cache.shape[1] != 2:
                 raise ValueError(f"teacher logits {cache} have shape {self.cache.shape}, "
                                  f"expected [{num_items}, 2, T, V] (cond, null)")
-        if teacher is None and cache is None:
-            raise ValueError("the method needs a teacher: give TrainJob.teacher or TrainJob.teacher_logits")
 
-    def __call__(self, index: np.ndarray, codes: torch.Tensor, labels: torch.Tensor, null_class: int) -> torch.Tensor:
-        if self.cache is not None:
-            is_null = (labels == null_class).numpy().astype(np.int64)
-            order = np.argsort(index, kind="stable")  # sorted reads are much faster on a memory map
-            rows = self.cache[index[order], is_null[order]]
+    def __call__(self, batch: Batch, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if batch.index is not None and self.cache is not None:
+            is_null = (batch.labels == self.null_class).numpy().astype(np.int64)
+            order = np.argsort(batch.index, kind="stable")  # sorted reads are much faster on a memory map
+            rows = self.cache[batch.index[order], is_null[order]]
             logits = np.empty_like(rows)
             logits[order] = rows
-            return torch.from_numpy(logits.astype(np.float32))
-        with torch.no_grad():
+            return torch.from_numpy(logits.astype(np.float32)).to(codes.device)
+        if self.teacher is None:
+            raise ValueError("this batch needs live teacher logits but the job has no teacher checkpoint")
+        self.counts["teacher_forwards"] = self.counts.get("teacher_forwards", 0) + 1
+        with torch.no_grad(), autocast(codes.device, "bf16"):  # frozen teacher: bf16, like the cache
             return self.teacher(codes[:, :-1], labels).float()
 
 
@@ -84,48 +83,64 @@ def validation_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, batch_
     return total / codes.numel()
 
 
+def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
+              temperature: float) -> torch.Tensor:
+    """One term's per-position loss: hard-label CE on the sequence, or a divergence to the teacher."""
+    if term.divergence == "ce":
+        return losses.cross_entropy(logits, codes)
+    return losses.divergence(term.divergence, logits, target, temperature=temperature, beta=term.beta,
+                             alpha=term.alpha, detach_mixture=term.detach_mixture)
+
+
+def load_teacher(path: str, student: GPTConfig, device: torch.device) -> GPT:
+    teacher = load_gpt(path, "teacher checkpoint").to(device).requires_grad_(False)
+    for key in ("vocab_size", "num_classes", "block_size"):
+        if getattr(teacher.config, key) != getattr(student, key):
+            raise ValueError(f"teacher {path} has {key}={getattr(teacher.config, key)}, the student "
+                             f"{getattr(student, key)}")
+    return teacher
+
+
 def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path:
-    """Train `job.model` under `job.kd` and write `out_dir/checkpoint_name`."""
+    """Train `job.model` under the method `job.kd` and write `out_dir/checkpoint_name`."""
     torch.manual_seed(job.seed)
     codes, labels = load_codes(job.codes_train)
     val_codes, val_labels = load_codes(job.codes_val)
     model = GPT(job.model).to(device)
     check_codes(codes, labels, model, job.codes_train)
     check_codes(val_codes, val_labels, model, job.codes_val)
-    teacher_logits = None
-    if job.kd.needs_teacher:
-        teacher = None
-        if job.teacher_logits is None:
-            teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
-            teacher.requires_grad_(False)
-            if (teacher.config.vocab_size, teacher.config.num_classes) != (job.model.vocab_size, job.model.num_classes):
-                raise ValueError(f"teacher {job.teacher} vocab/classes {teacher.config.vocab_size}/"
-                                 f"{teacher.config.num_classes} differ from the student's")
-        teacher_logits = TeacherLogits(teacher, job.teacher_logits, len(codes))
+    kd = job.kd
+    teacher = load_teacher(job.teacher, job.model, device) if job.teacher else None
+    if kd.needs_live_teacher and teacher is None:
+        raise ValueError(f"method {job.method!r} samples from or scores with the teacher: TrainJob.teacher is unset")
+    if kd.uses_cached_logits and job.teacher_logits is None and teacher is None:
+        raise ValueError(f"method {job.method!r} distils on ground truth: give teacher_logits or teacher")
 
-    order = BatchOrder(len(codes), job.optim.batch_size, job.seed)
-    null_class, kd = job.model.num_classes, job.kd
+    def validation() -> float:
+        return validation_nll(model, val_codes, val_labels, device=device)
+
+    data = StepData(kd, codes, labels, BatchOrder(len(codes), job.optim.batch_size, job.seed), student=model,
+                    teacher=teacher, seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device)
+    targets = TeacherTargets(teacher, job.teacher_logits, len(codes), job.model.num_classes, data.counts)
+    names = [f"{t.data}_{t.divergence}" for t in kd.terms]
+    names = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
     def loss_fn(step: int):
-        index = order(step)
-        x, y = codes[index], drop_labels(labels[index], job.model.class_dropout_prob, null_class)
-        logits = model(x[:, :-1].to(device), y.to(device))
-        terms = {}
-        if kd.divergence == "ce":
-            terms["ce"] = losses.reduce(losses.cross_entropy(logits, x.to(device)))
-        else:
-            target = teacher_logits(index, x, y, null_class).to(device)
-            terms["kd"] = losses.reduce(losses.forward_kl(logits, target, kd.temperature))
-            if kd.ce_weight:
-                terms["ce"] = kd.ce_weight * losses.reduce(losses.cross_entropy(logits, x.to(device)))
-        loss = sum(terms.values())
-        return loss, {k: v.item() for k, v in terms.items()}
+        total, logs = 0.0, {}
+        for i, term in enumerate(kd.terms):
+            batch = data(i, step)
+            x, y = batch.codes.to(device), batch.labels.to(device)
+            logits = model(x[:, :-1], y)
+            target = targets(batch, x, y) if term.uses_teacher_logits else None
+            value = losses.reduce(term_loss(term, logits, x, target, kd.temperature))
+            total = total + term.weight * value
+            logs[names[i]] = value.item()
+        return total, {**logs, **data.counts}
 
-    def eval_fn():
-        return {"val_nll": validation_nll(model, val_codes, val_labels, device=device)}
-
-    summary = train(model, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job), eval_fn=eval_fn,
-                    device=device, desc=f"{job.backbone}/{job.method}/seed{job.seed}")
+    summary = train(model, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),
+                    eval_fn=lambda: {"val_nll": validation()}, state=data, device=device,
+                    desc=f"{job.backbone}/{job.method}/seed{job.seed}")
+    summary.update(data.counts)
     out = Path(job.out_dir) / job.checkpoint_name
     save_model(out, model, job.model, train=summary, job=asdict(job), provenance=provenance(device.type))
     (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)

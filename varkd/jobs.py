@@ -141,8 +141,9 @@ def evaluate(job: EvaluateJob, device: torch.device) -> None:
         model, ckpt = load_model(job.checkpoint, GPTConfig, GPT, "GPT checkpoint")
         codes, labels = load_codes(job.codes_val)
         result["val_nll"] = validation_nll(model.eval().to(device), codes, labels, device=device)
-        result["train_wall_s"] = ckpt.get("train", {}).get("wall_s")
-        result["train_steps"] = ckpt.get("train", {}).get("steps")
+        train_summary = ckpt.get("train", {})  # cost of the run, to set quality against
+        for key in ("wall_s", "steps", "teacher_forwards", "rollouts", "rollout_tokens", "replayed"):
+            result[f"train_{key}"] = train_summary.get(key)
     result["eval_wall_s"] = round(time.perf_counter() - start, 2)
     result["provenance"] = provenance(device.type)
     atomic_write_json(job.out, result)

@@ -12,7 +12,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -101,11 +101,12 @@ class CsvLog:
 
 
 def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: str | Path, *, config_text: str,
-          eval_fn: Optional[EvalFn] = None, device: torch.device = torch.device("cpu"),
+          eval_fn: Optional[EvalFn] = None, state: Optional[Any] = None, device: torch.device = torch.device("cpu"),
           desc: str = "train") -> dict:
     """Run cfg.steps optimisation steps of `loss_fn(step)`, resuming from `out_dir/checkpoint.pt` if present.
 
-    `config_text` identifies the run: a checkpoint written under a different config is not resumed.
+    `config_text` identifies the run: a checkpoint written under a different config is not resumed. `state`
+    (anything with state_dict / load_state_dict, e.g. a replay buffer) is checkpointed with the model.
     Returns a summary (steps, wall time, last logs, final evaluation). Leaves `checkpoint.pt` in place; the
     caller deletes it once the final weights are written.
     """
@@ -115,12 +116,14 @@ def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: st
     optimizer = make_optimizer(model, cfg)
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, "training checkpoint")
-        if state.get("run_id") == run_id:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            step, elapsed = state["step"], state["elapsed"]
+        saved = load_checkpoint(ckpt_path, "training checkpoint")
+        if saved.get("run_id") == run_id:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            if state is not None:
+                state.load_state_dict(saved["extra"])
+            step, elapsed = saved["step"], saved["elapsed"]
             print(f"[{desc}] resuming from {ckpt_path} at step {step}")
         else:
             print(f"[{desc}] ignoring {ckpt_path}: it was written under a different config")
@@ -129,7 +132,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: st
     def save_checkpoint() -> None:
         atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                       "rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
-                                      "run_id": run_id})
+                                      "run_id": run_id, "extra": state.state_dict() if state is not None else {}})
 
     model.train()
     start, logs = time.perf_counter() - elapsed, {}

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from varkd.config import (BackboneConfig, ClassifierJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
-                          PrepareDataJob, SampleJob, StudyConfig, TeacherLogitsJob, TokenizerJob, TrainJob,
-                          structured, to_yaml)
+                          PrepareDataJob, SampleJob, StudyConfig, TeacherLogitsJob, TermConfig, TokenizerJob,
+                          TrainJob, check_pair, structured, to_yaml)
 
 RESULTS = "results"
 
@@ -38,7 +38,7 @@ class Study:
         self._check_consistency()
         self.jobs: dict[str, Any] = {}
         self._add_data_jobs()
-        for backbone in cfg.backbones:
+        for backbone in self.teacher_owners:
             self._add_teacher_jobs(backbone)
         for run in self.runs():
             self._add_student_jobs(run)
@@ -49,7 +49,8 @@ class Study:
         cfg = structured(StudyConfig, data, source)
         presets = Path(cfg.presets)
         backbones = {b: load_preset(BackboneConfig, presets / "backbones", b, "backbone") for b in cfg.backbones}
-        methods = {m: load_preset(MethodConfig, presets / "methods", m, "method") for m in cfg.methods}
+        names = dict.fromkeys(cfg.methods + cfg.baselines)
+        methods = {m: load_preset(MethodConfig, presets / "methods", m, "method") for m in names}
         return cls(cfg, backbones, methods)
 
     def _check_consistency(self) -> None:
@@ -60,8 +61,12 @@ class Study:
             raise ConfigError(f"classifier.model.num_classes={cfg.classifier.model.num_classes} != "
                               f"data.num_classes={cfg.data.num_classes}")
         for name, backbone in self.backbones.items():
-            for role in ("teacher", "student"):
-                gpt = getattr(backbone, role)
+            owner = backbone.teacher_from or name
+            if owner not in self.backbones or self.backbones[owner].teacher is None:
+                raise ConfigError(f"config/backbones/{name}.yaml: teacher_from={owner!r} must name a backbone of "
+                                  f"this study that has its own teacher (backbones: {list(self.backbones)})")
+            check_pair(self.teacher_config(name), backbone.student)
+            for role, gpt in (("teacher", self.teacher_config(name)), ("student", backbone.student)):
                 where = f"config/backbones/{name}.yaml: {role}"
                 if gpt.vocab_size != vq.codebook_size:
                     raise ConfigError(f"{where}.vocab_size={gpt.vocab_size} != "
@@ -71,9 +76,9 @@ class Study:
                                       f"(data.image_size={cfg.data.image_size} / downsample {vq.downsample})")
                 if gpt.num_classes != cfg.data.num_classes:
                     raise ConfigError(f"{where}.num_classes={gpt.num_classes} != data.num_classes={cfg.data.num_classes}")
-            if cfg.sample.num_samples % backbone.teacher.num_classes:
+            if cfg.sample.num_samples % backbone.student.num_classes:
                 raise ConfigError(f"sample.num_samples={cfg.sample.num_samples} is not a multiple of the "
-                                  f"{backbone.teacher.num_classes} classes (samples are class-balanced)")
+                                  f"{backbone.student.num_classes} classes (samples are class-balanced)")
 
     # ---- layout ---------------------------------------------------------------------------------------------
     @property
@@ -98,21 +103,37 @@ class Study:
     def classifier(self) -> str:
         return self.path("data", "classifier", "classifier.pt")
 
+    @property
+    def teacher_owners(self) -> list[str]:
+        """Backbones that train their own teacher (the others borrow one through teacher_from)."""
+        return [b for b in self.cfg.backbones if self.backbones[b].teacher_from is None]
+
+    def teacher_config(self, backbone: str):
+        return self.backbones[self.backbones[backbone].teacher_from or backbone].teacher
+
     def teacher_dir(self, backbone: str) -> str:
-        return self.path(backbone, "teacher")
+        return self.path(self.backbones[backbone].teacher_from or backbone, "teacher")
 
     def run_dir(self, run: Run) -> str:
         return self.path(run.backbone, run.method, f"seed{run.seed}")
 
+    def table_methods(self, table: str) -> list[str]:
+        """The methods of a results table: main (target all) or baselines (target all_baselines)."""
+        tables = {"main": self.cfg.methods, "baselines": self.cfg.baselines}
+        if table not in tables:
+            raise KeyError(f"unknown table {table!r}; tables: {list(tables)}")
+        return tables[table]
+
     def runs(self, methods: list[str] | None = None) -> list[Run]:
-        methods = self.cfg.methods if methods is None else methods
+        """Runs of the given methods (default: every method of the study) on every backbone and seed."""
+        methods = list(self.methods) if methods is None else methods
         return [Run(b, m, s) for b in self.cfg.backbones for m in methods for s in self.cfg.seeds]
 
-    def metrics_files(self, runs: list[Run] | None = None) -> list[str]:
+    def metrics_files(self, methods: list[str] | None = None) -> list[str]:
         """Every metrics.json a table needs: the real-vs-real floor, each teacher, then the runs."""
-        runs = self.runs() if runs is None else runs
+        runs = self.runs(methods)
         return ([self.path("real", "metrics.json")]
-                + [f"{self.teacher_dir(b)}/metrics.json" for b in self.cfg.backbones]
+                + [f"{self.teacher_dir(b)}/metrics.json" for b in self.teacher_owners]
                 + [f"{self.run_dir(r)}/metrics.json" for r in runs])
 
     def job_text(self, path: str) -> str:
@@ -156,7 +177,7 @@ class Study:
         bb, tdir = self.backbones[backbone], self.teacher_dir(backbone)
         self.jobs[f"{tdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=backbone, method="teacher", seed=bb.teacher_seed, model=bb.teacher,
-            kd=MethodConfig(divergence="ce"), optim=bb.teacher_optim, codes_train=self.codes("train"),
+            kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=bb.teacher_optim, codes_train=self.codes("train"),
             codes_val=self.codes("val"), out_dir=tdir, checkpoint_name="teacher.pt")
         self.jobs[f"{tdir}/logits.yaml"] = TeacherLogitsJob(
             teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), out=f"{tdir}/logits_train.npy")
@@ -165,12 +186,11 @@ class Study:
 
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
-        cached = method.needs_teacher and method.data_source == "ground_truth"
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
             model=self.backbones[run.backbone].student, kd=method, optim=self.cfg.student_optim,
             codes_train=self.codes("train"), codes_val=self.codes("val"),
-            teacher=f"{tdir}/teacher.pt" if method.needs_teacher and not cached else None,
-            teacher_logits=f"{tdir}/logits_train.npy" if cached else None, out_dir=rdir)
+            teacher=f"{tdir}/teacher.pt" if method.needs_live_teacher else None,
+            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits else None, out_dir=rdir)
         self._add_generation_jobs(rdir, f"{rdir}/student.pt",
                                   {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed)

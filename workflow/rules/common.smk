@@ -22,6 +22,7 @@ wildcard_constraints:
     method=r"[^/]+",
     seed=r"\d+",
     rundir=r"[^/]+/(teacher|[^/]+/seed\d+)",
+    table=r"main|baselines",
 
 
 def job(config_path):

@@ -3,11 +3,11 @@ localrules:
 
 
 rule aggregate:
-    """Every run's metrics.json -> tables/main.csv (one row per run) and main.md (mean ± std over seeds)."""
+    """A target's metrics.json files -> tables/<table>.csv (one row per run), <table>.md (mean ± std over seeds)."""
     input:
-        lambda wc: STUDY.metrics_files(),
+        lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
     output:
-        "results/{study}/tables/main.csv",
-        "results/{study}/tables/main.md",
+        "results/{study}/tables/{table}.csv",
+        "results/{study}/tables/{table}.md",
     shell:
-        "varkd aggregate {input} --out-dir results/{wildcards.study}/tables"
+        "varkd aggregate {input} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"

@@ -1,0 +1,115 @@
+"""Data sources of KD steps: rollouts, GKD's mixture, DistiLLM's adaptive schedule (and its exact resume)."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from varkd import distill, sources
+from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLogitsJob, TermConfig
+from varkd.loop import BatchOrder
+from varkd.models.gpt import GPT, GPTConfig
+from varkd.sampling import generate
+from tests.test_training import TINY, codes, job  # noqa: F401  (codes is a fixture)
+
+
+def step_data(method, student, teacher=None, n=48, batch=8):
+    codes = torch.randint(0, 16, (n, 16))
+    labels = torch.arange(n) % 3
+    return sources.StepData(method, codes, labels, BatchOrder(n, batch, seed=0), student=student, teacher=teacher,
+                            seed=5, total_steps=100, validation=lambda: 1.0, device=torch.device("cpu"))
+
+
+def random_gpt(seed):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY))
+    torch.nn.init.normal_(model.output.weight, std=0.5)  # zero-init output would make every model uniform
+    return model
+
+
+def test_student_rollouts_come_from_the_student_and_keep_its_mode():
+    student, teacher = random_gpt(0), random_gpt(1)
+    method = MethodConfig(terms=[TermConfig(data="student", divergence="fkl")],
+                          rollout=RolloutConfig(null_fraction=0.5, temperature=0.7))
+    data = step_data(method, student, teacher)
+    student.train()
+    batch = data(0, step=3)
+    assert student.training and batch.index is None
+    assert (batch.labels == 3).any() and (batch.labels != 3).any()  # about half the rollouts are unconditional
+    # the same draw again reproduces it exactly (seeded by seed, step, term), and it is the student's
+    again = data(0, step=3)
+    assert torch.equal(again.codes, batch.codes) and torch.equal(again.labels, batch.labels)
+    rng = np.random.default_rng([5, 3, 0])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    rng.random(8)  # the null-label draw
+    expected = generate(student, batch.labels, temperature=0.7, generator=generator)
+    assert torch.equal(expected, batch.codes)
+    assert data.counts["rollouts"] == 2 and data.counts["rollout_tokens"] == 2 * 8 * 16
+
+
+def test_teacher_source_samples_the_teacher():
+    student, teacher = random_gpt(0), random_gpt(1)
+    data = step_data(MethodConfig(terms=[TermConfig(data="teacher", divergence="ce")]), student, teacher)
+    batch = data(0, step=0)
+    rng = np.random.default_rng([5, 0, 0])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    assert torch.equal(generate(teacher, batch.labels, generator=generator), batch.codes)
+
+
+def test_mixed_source_uses_student_samples_with_probability_lambda():
+    student = random_gpt(0)
+    data = step_data(MethodConfig(terms=[TermConfig(data="mixed", divergence="jsd")], lmbda=0.3), student, random_gpt(1))
+    on_policy = sum(data(0, s).index is None for s in range(300))
+    assert on_policy == data.counts["rollouts"]
+    assert abs(on_policy / 300 - 0.3) < 4 * np.sqrt(0.3 * 0.7 / 300)
+
+
+def test_adaptive_capacity_must_hold_a_batch():
+    method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")], adaptive=AdaptiveConfig(capacity=4))
+    with pytest.raises(ValueError, match="capacity=4"):
+        step_data(method, random_gpt(0))
+
+
+def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypatch):  # noqa: F811
+    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=5, checkpoint_name="teacher.pt"))
+    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "codes_train.npz"),
+                                                  out=str(tmp_path / "logits.npy")))
+    method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")],
+                          adaptive=AdaptiveConfig(init_threshold=0.7, capacity=16, eval_every=3))
+
+    def run(out):
+        return distill.train_gpt(job(codes, out, method="distillm", kd=method, teacher=str(teacher_path),
+                                     teacher_logits=str(tmp_path / "logits.npy")))
+
+    straight = torch.load(run(tmp_path / "a"), weights_only=True)
+    assert straight["train"]["rollouts"] > 0 and straight["train"]["replayed"] > 0  # all three branches taken
+
+    real = sources.StepData.__call__
+    calls = {"n": 0}
+
+    def killed(self, term_index, step):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, term_index, step)
+
+    monkeypatch.setattr(sources.StepData, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(sources.StepData, "__call__", real)
+    resumed = torch.load(run(tmp_path / "b"), weights_only=True)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    for key in ("rollouts", "replayed", "teacher_forwards"):
+        assert straight["train"][key] == resumed["train"][key], key
+
+
+def test_two_term_method_logs_both_terms(codes, tmp_path):  # noqa: F811
+    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    method = MethodConfig(terms=[TermConfig(data="teacher", divergence="skl"),
+                                 TermConfig(data="student", divergence="srkl", detach_mixture=True, weight=0.5)])
+    distill.train_gpt(job(codes, tmp_path / "d2", method="distillm2", kd=method, steps=4, teacher=str(teacher_path)))
+    row = list(csv.DictReader(open(tmp_path / "d2" / "train_log.csv")))[-1]
+    total = float(row["teacher_skl"]) + 0.5 * float(row["student_srkl"])
+    assert float(row["loss"]) == pytest.approx(total, rel=1e-5)
+    assert int(row["rollouts"]) == 8 and int(row["teacher_forwards"]) == 8  # two rollouts and two targets per step

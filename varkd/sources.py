@@ -1,0 +1,107 @@
+"""Where a KD step's sequences come from (design section 2, the data-source axis).
+
+ground_truth: codes of real images. teacher / student: sequences sampled by that model (no gradient, eval mode,
+the KV-cache sampler, rollout settings of the method). mixed: GKD's on-policy fraction lambda. adaptive:
+DistiLLM's schedule over fresh student samples, a replay buffer of them, and ground truth.
+
+Every random choice of a step is seeded by (seed, step, term), so a resumed run draws exactly what an
+uninterrupted one would; the schedule and the buffer are checkpointed with the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from varkd.config import MethodConfig, TermConfig
+from varkd.loop import BatchOrder
+from varkd.models.gpt import GPT
+from varkd.sampling import generate
+from varkd.schedules import AdaptiveSchedule, OnPolicyMixture, ReplayBuffer
+
+
+@dataclass
+class Batch:
+    codes: torch.Tensor  # [B, T] long
+    labels: torch.Tensor  # [B] long, the null class where dropped
+    index: Optional[np.ndarray] = None  # dataset rows (ground truth only): keys of the teacher-logit cache
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null_class), labels)
+
+
+class StepData:
+    """Draws the batch of each loss term at each step."""
+
+    def __init__(self, method: MethodConfig, codes: torch.Tensor, labels: torch.Tensor, order: BatchOrder, *,
+                 student: GPT, teacher: Optional[GPT], seed: int, total_steps: int,
+                 validation: Callable[[], float], device: torch.device):
+        self.method, self.codes, self.labels, self.order = method, codes, labels, order
+        self.student, self.teacher, self.seed, self.device = student, teacher, seed, device
+        self.validation = validation
+        self.null_class = student.config.num_classes
+        self.class_dropout = student.config.class_dropout_prob
+        self.mixture = OnPolicyMixture(method.lmbda)
+        ad = method.adaptive
+        self.schedule = AdaptiveSchedule(ad.init_threshold, ad.loss_eps, ad.increment, ad.replay_ratio,
+                                         total_steps=total_steps)
+        self.buffer = ReplayBuffer(ad.capacity)
+        if any(t.data == "adaptive" for t in method.terms) and ad.capacity < order.batch_size:
+            raise ValueError(f"adaptive.capacity={ad.capacity} is smaller than the batch size {order.batch_size}")
+        self.counts = {"rollouts": 0, "rollout_tokens": 0, "replayed": 0, "teacher_forwards": 0}
+
+    def __call__(self, term_index: int, step: int) -> Batch:
+        term = self.method.terms[term_index]
+        rng = np.random.default_rng([self.seed, step, term_index])
+        generator = torch.Generator(self.device).manual_seed(int(rng.integers(2**62)))
+        source = term.data
+        if source == "mixed":
+            source = self.mixture.choose(rng)
+        elif source == "adaptive":
+            return self._adaptive(step, rng, generator)
+        if source == "ground_truth":
+            return self.ground_truth(step)
+        return self.rollout(self.student if source == "student" else self.teacher, step, rng, generator)
+
+    def ground_truth(self, step: int) -> Batch:
+        index = self.order(step)
+        labels = drop_labels(self.labels[index], self.class_dropout, self.null_class)
+        return Batch(self.codes[index], labels, index)
+
+    def rollout(self, model: GPT, step: int, rng: np.random.Generator, generator: torch.Generator) -> Batch:
+        """Sample sequences for the step's classes (a null_fraction of them unconditional)."""
+        r = self.method.rollout
+        labels = self.labels[self.order(step)].clone()
+        labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = self.null_class
+        codes = generate(model, labels.to(self.device), cfg_scale=r.cfg_scale, temperature=r.temperature,
+                         top_k=r.top_k, top_p=r.top_p, generator=generator)
+        self.counts["rollouts"] += 1
+        self.counts["rollout_tokens"] += codes.numel()
+        return Batch(codes.cpu(), labels.cpu())
+
+    def _adaptive(self, step: int, rng: np.random.Generator, generator: torch.Generator) -> Batch:
+        """DistiLLM: validate every eval_every steps (step 0 sets the reference loss), then choose the data."""
+        if step % self.method.adaptive.eval_every == 0:
+            self.schedule.update(self.validation())
+        choice = self.schedule.choose(step + 1, rng, self.buffer.full)  # DistiLLM counts steps from 1
+        if choice == "fresh":
+            batch = self.rollout(self.student, step, rng, generator)
+            self.buffer.push(batch.codes, batch.labels)
+            return batch
+        if choice == "replay":
+            codes, labels = self.buffer.sample(self.order.batch_size, rng)
+            self.counts["replayed"] += 1
+            return Batch(codes, labels)
+        return self.ground_truth(step)
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "buffer": self.buffer.state_dict(), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.counts.update(state["counts"])  # in place: the teacher targets share this dict
