@@ -10,7 +10,9 @@ from varkd.study import Study
 def test_embedded_study_resolves(study_dict):
     study = Study.load(study_dict)
     assert study.name == "embedded"
-    assert len(study.runs()) == len(study_dict["backbones"]) * len(study_dict["methods"]) * len(study_dict["seeds"])
+    per_method = len(study_dict["backbones"]) * len(study_dict["seeds"])
+    assert len(study.runs(study_dict["methods"])) == per_method * len(study_dict["methods"])
+    assert len(study.runs()) == per_method * len(set(study_dict["methods"] + study_dict["baselines"]))
     job = study.jobs["results/embedded/tiny/fkl/seed0/config.yaml"]
     assert job.kd.terms[0].divergence == "fkl" and job.teacher_logits.endswith("tiny/teacher/logits_train.npy")
     ce = study.jobs["results/embedded/tiny/ce/seed0/config.yaml"]

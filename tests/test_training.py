@@ -92,6 +92,14 @@ def test_checkpoint_of_another_config_is_not_resumed(codes, tmp_path, capsys):
     assert "ignoring" in capsys.readouterr().out
 
 
+def test_log_gains_columns_when_evaluation_starts(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    train(model, lambda step: (model.weight.sum() ** 2, {}), OptimConfig(steps=6, warmup_steps=0, log_every=1,
+          eval_every=3), tmp_path, config_text="x", eval_fn=lambda: {"val_nll": 1.5})
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert [r["val_nll"] for r in rows] == ["", "", "1.5", "", "", "1.5"]
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     model = torch.nn.Linear(2, 1)
 

@@ -68,7 +68,7 @@ def test_dry_run_of_the_embedded_study(presets):
 
 
 def test_bad_config_fails_before_any_job(presets):
-    (presets / "methods" / "fkl.yaml").write_text("divergence: fkl\ntemprature: 2\n")
+    (presets / "methods" / "fkl.yaml").write_text("terms: [{divergence: fkl}]\ntemprature: 2\n")
     result = snakemake(presets.parent, "-n", "all", check=False)
     assert result.returncode != 0
     assert "temprature" in result.stdout + result.stderr
@@ -112,7 +112,7 @@ def test_miniature_study_end_to_end(presets):
     snakemake(workdir, "all_baselines")
     table = pd.read_csv(root / "tables" / "baselines.csv")
     assert list(table["method"]) == ["real", "teacher"] + study["baselines"]
-    assert table[["fid", "val_nll"]].notna().all().all()
+    assert table["fid"].notna().all() and table["val_nll"][1:].notna().all()  # real images have no NLL
     on_policy = table.set_index("method").loc[["imitkd", "onpolicy_rkl", "distillm2"]]
     assert (on_policy["train_rollouts"] > 0).all()
     assert table.set_index("method").loc["fkl", "train_teacher_forwards"] == 0  # cached logits only

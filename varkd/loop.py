@@ -90,11 +90,19 @@ class CsvLog:
             path.unlink()
 
     def write(self, row: dict[str, float]) -> None:
+        if self.fields is not None and not set(row) <= set(self.fields):  # e.g. the first evaluation
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f))
+            self.fields += [k for k in row if k not in self.fields]
+            with self.path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
         new = self.fields is None
         if new:
             self.fields = list(row)
         with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            writer = csv.DictWriter(f, self.fields)
             if new:
                 writer.writeheader()
             writer.writerow(row)
