@@ -1,4 +1,6 @@
 rule train_teacher:
+    """The teacher, on the critical path of every KD run: scheduled first."""
+    priority: 10
     input:
         unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
     output:
@@ -11,7 +13,8 @@ rule train_teacher:
 
 
 rule cache_teacher_logits:
-    """The teacher's logits on every training sequence, computed once per backbone for ground-truth KD."""
+    """The teacher's logits on every training sequence, computed once per teacher for ground-truth KD."""
+    priority: 10
     input:
         unpack(job("results/{study}/{backbone}/teacher/logits.yaml")),
     output:
