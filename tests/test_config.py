@@ -85,7 +85,7 @@ def test_stale_job_configs_are_found_by_content(study_dict, tmp_path, monkeypatc
     (tmp_path / path).parent.mkdir(parents=True)
     (tmp_path / path).write_text(study.job_text(path))
     assert study.stale_job_configs() == []
-    (tmp_path / path).write_text(study.job_text(path).replace("steps: 1000", "steps: 1500"))
+    (tmp_path / path).write_text(study.job_text(path).replace("method: fkl", "method: rkl"))
     assert study.stale_job_configs() == [path]
 
 
