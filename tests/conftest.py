@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Two cores shared with other jobs: one thread per test process is much faster than oversubscribing."""
     threads = torch.get_num_threads()

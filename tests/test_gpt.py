@@ -14,14 +14,6 @@ from varkd.models.gpt import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and threads thrash when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=256, num_classes=10, block_size=16)
 
 

