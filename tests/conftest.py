@@ -2,9 +2,14 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+
+from varkd.config import MethodConfig, OptimConfig, TermConfig, TrainJob
+from varkd.io import atomic_save_npz
+from varkd.models.gpt import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +35,31 @@ def study_dict(presets) -> dict:
     data = OmegaConf.to_container(OmegaConf.load(presets / "config.yaml"))
     data["presets"] = str(presets)
     return data
+
+
+TINY = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=16, multiple_of=16)
+
+
+@pytest.fixture
+def codes(tmp_path):
+    """Synthetic code files: class c sequences prefer tokens near 5c (learnable, not trivial)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 3, n)
+        codes = (labels[:, None] * 5 + rng.integers(0, 4, (n, 16))) % 16
+        return codes.astype(np.int32), labels.astype(np.int64)
+
+    for split, n in (("train", 96), ("val", 24)):
+        c, y = make(n)
+        atomic_save_npz(tmp_path / f"codes_{split}.npz", codes=c, labels=y)
+    return tmp_path
+
+
+def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
+    kd = kd or MethodConfig(terms=[TermConfig(divergence=method)])
+    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY), kd=kd,
+                    optim=OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4,
+                                      log_every=1, precision="fp32"),
+                    codes_train=str(codes / "codes_train.npz"), codes_val=str(codes / "codes_val.npz"),
+                    out_dir=str(out), **kw)

@@ -10,13 +10,13 @@ from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLog
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
-from tests.test_training import TINY, codes, job  # noqa: F401  (codes is a fixture)
+from tests.conftest import TINY, job
 
 
 def step_data(method, student, teacher=None, n=48, batch=8):
-    codes = torch.randint(0, 16, (n, 16))
+    sequences = torch.randint(0, 16, (n, 16))
     labels = torch.arange(n) % 3
-    return sources.StepData(method, codes, labels, BatchOrder(n, batch, seed=0), student=student, teacher=teacher,
+    return sources.StepData(method, sequences, labels, BatchOrder(n, batch, seed=0), student=student, teacher=teacher,
                             seed=5, total_steps=100, validation=lambda: 1.0, device=torch.device("cpu"))
 
 
@@ -70,7 +70,7 @@ def test_adaptive_capacity_must_hold_a_batch():
         step_data(method, random_gpt(0))
 
 
-def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypatch):  # noqa: F811
+def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypatch):
     teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=5, checkpoint_name="teacher.pt"))
     distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "codes_train.npz"),
                                                   out=str(tmp_path / "logits.npy")))
@@ -104,7 +104,7 @@ def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypat
         assert straight["train"][key] == resumed["train"][key], key
 
 
-def test_two_term_method_logs_both_terms(codes, tmp_path):  # noqa: F811
+def test_two_term_method_logs_both_terms(codes, tmp_path):
     teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="skl"),
                                  TermConfig(data="student", divergence="srkl", detach_mixture=True, weight=0.5)])

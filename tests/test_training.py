@@ -7,37 +7,11 @@ import torch
 
 from varkd import distill, sources
 from varkd.checkpoints import load_gpt, save_model
-from varkd.config import AdaptiveConfig, MethodConfig, OptimConfig, TeacherLogitsJob, TermConfig, TrainJob
-from varkd.io import atomic_save_npz
+from varkd.config import OptimConfig, TeacherLogitsJob
 from varkd.loop import BatchOrder, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
 
-TINY = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=16, multiple_of=16)
-
-
-@pytest.fixture
-def codes(tmp_path):
-    """Synthetic code files: class c sequences prefer tokens near 5c (learnable, not trivial)."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 3, n)
-        codes = (labels[:, None] * 5 + rng.integers(0, 4, (n, 16))) % 16
-        return codes.astype(np.int32), labels.astype(np.int64)
-
-    for split, n in (("train", 96), ("val", 24)):
-        c, y = make(n)
-        atomic_save_npz(tmp_path / f"codes_{split}.npz", codes=c, labels=y)
-    return tmp_path
-
-
-def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
-    kd = kd or MethodConfig(terms=[TermConfig(divergence=method)])
-    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY), kd=kd,
-                    optim=OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4,
-                                      log_every=1, precision="fp32"),
-                    codes_train=str(codes / "codes_train.npz"), codes_val=str(codes / "codes_val.npz"),
-                    out_dir=str(out), **kw)
+from tests.conftest import TINY, job
 
 
 def test_lr_schedule_warms_up_then_decays():

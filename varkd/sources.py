@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from varkd.config import MethodConfig, TermConfig
+from varkd.config import MethodConfig
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT
 from varkd.sampling import generate
