@@ -6,7 +6,6 @@ key's full path, and `__post_init__` checks the values. The study file (`config/
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -436,7 +435,3 @@ def load_job(schema: type[T], path: str | Path) -> T:
 def to_yaml(obj: Any) -> str:
     """Canonical YAML of a config dataclass (stable key order, so the text changes only when a value does)."""
     return OmegaConf.to_yaml(OmegaConf.structured(obj), sort_keys=False)
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)

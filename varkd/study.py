@@ -145,10 +145,6 @@ class Study:
         """Job configs on disk whose text differs from what the study resolves to now."""
         return [p for p in self.jobs if Path(p).is_file() and Path(p).read_text() != self.job_text(p)]
 
-    def job_inputs(self, path: str) -> list[str]:
-        """The job's own config plus every file it reads."""
-        return [path, *self.jobs[path].inputs()]
-
     # ---- jobs -----------------------------------------------------------------------------------------------
     def _add_data_jobs(self) -> None:
         cfg = self.cfg
