@@ -108,6 +108,12 @@ def test_empirical_frequencies_match_softmax():
     assert ((freq - p.double()).abs() < 4 * se).all(), (freq, p)
 
 
+def test_filtered_tokens_are_never_drawn():
+    logits = filter_logits(torch.randn(1, 50).expand(20_000, 50), top_k=3)
+    draws = sample_from_logits(logits, generator=torch.Generator().manual_seed(1))
+    assert set(draws.tolist()) == set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
+
+
 # --- generation --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_cached_greedy_generation_equals_recomputation(cfg_scale):
