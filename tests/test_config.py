@@ -3,8 +3,9 @@ import pytest
 import yaml
 
 from varkd.cli import main as cli
-from varkd.config import ConfigError, TrainJob, load_job, to_yaml
+from varkd.config import ConfigError, TermConfig, TrainJob, WeightingConfig, load_job, to_yaml
 from varkd.study import Study
+from tests.conftest import REPO
 
 
 def test_embedded_study_resolves(study_dict):
@@ -12,7 +13,9 @@ def test_embedded_study_resolves(study_dict):
     assert study.name == "embedded"
     per_method = len(study_dict["backbones"]) * len(study_dict["seeds"])
     assert len(study.runs(study_dict["methods"])) == per_method * len(study_dict["methods"])
-    assert len(study.runs()) == per_method * len(set(study_dict["methods"] + study_dict["baselines"]))
+    presets = set(study_dict["methods"] + study_dict["baselines"] + study_dict["ablations"])
+    sweeps = sum(len(s["values"]) * len(s.get("backbones") or study_dict["backbones"]) for s in study_dict["sweeps"])
+    assert len(study.runs()) == per_method * len(presets) + sweeps * len(study_dict["seeds"])
     job = study.jobs["results/embedded/tiny/fkl/seed0/config.yaml"]
     assert job.kd.terms[0].divergence == "fkl" and job.teacher_logits.endswith("tiny/teacher/logits_train.npy")
     ce = study.jobs["results/embedded/tiny/ce/seed0/config.yaml"]
@@ -21,7 +24,7 @@ def test_embedded_study_resolves(study_dict):
 
 def test_job_yaml_round_trip(study_dict, tmp_path):
     study = Study.load(study_dict)
-    path = "results/embedded/tiny/fkl/seed1/config.yaml"
+    path = "results/embedded/tiny/fkl/seed0/config.yaml"
     (tmp_path / "job.yaml").write_text(study.job_text(path))
     assert load_job(TrainJob, tmp_path / "job.yaml") == study.jobs[path]
 
@@ -93,15 +96,35 @@ def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(stud
     """Adding a method is adding a YAML file: each preset resolves, with exactly the teacher inputs it uses."""
     names = sorted(p.stem for p in (presets / "methods").glob("*.yaml"))
     study = Study.load({**study_dict, "methods": names})
-    expect = {  # name: (live teacher checkpoint, cached ground-truth logits)
-        "ce": (False, False), "fkl": (False, True), "rkl": (False, True), "seqkd": (True, False),
-        "imitkd": (True, False), "gkd": (True, True), "onpolicy_rkl": (True, False), "distillm": (True, True),
-        "distillm2": (True, False),
+    expect = {  # name: (live teacher checkpoint, cached ground-truth logits, teacher-sample pool)
+        "ce": (False, False, False), "fkl": (False, True, False), "rkl": (False, True, False),
+        "seqkd": (False, False, True), "imitkd": (True, False, False), "gkd": (True, True, False),
+        "onpolicy_rkl": (True, False, False), "distillm": (True, True, False), "distillm2": (True, False, True),
     }
     for name in names:
         job = study.jobs[f"results/embedded/tiny/{name}/seed0/config.yaml"]
-        got = (job.teacher is not None, job.teacher_logits is not None)
+        got = (job.teacher is not None, job.teacher_logits is not None, job.teacher_pool is not None)
         assert got == expect.get(name, got), name
+        if job.teacher_pool:  # the workflow has a job that makes the pool the run reads
+            assert f"{job.teacher_pool}/config.yaml" in study.jobs and f"{job.teacher_pool}/pool.npz" in job.inputs()
+
+
+def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
+    """One pool per teacher and rollout settings: shared across seeds and backbones, separate per settings."""
+    (presets / "methods" / "seqkd_cold.yaml").write_text(
+        "terms: [{data: teacher, divergence: ce}]\nrollout: {temperature: 0.5, teacher_pool: true}\n")
+    (presets / "backbones" / "wide.yaml").write_text(
+        "teacher_from: tiny\nstudent: {dim: 128, n_layer: 2, n_head: 4, vocab_size: 256, num_classes: 10, "
+        "block_size: 64}\n")
+    study = Study.load({**study_dict, "methods": ["seqkd", "seqkd_cold"], "backbones": ["tiny", "wide"],
+                        "seeds": [0, 1]})
+    pools = {(r.backbone, r.method, r.seed): study.jobs[f"{study.run_dir(r)}/config.yaml"].teacher_pool
+             for r in study.runs()}
+    assert len({pools[k] for k in pools if k[1] == "seqkd"}) == 1
+    assert pools[("tiny", "seqkd", 0)] != pools[("tiny", "seqkd_cold", 0)]
+    assert pools[("tiny", "seqkd", 0)].startswith("results/embedded/tiny/teacher/pool_")
+    pool_job = study.jobs[f"{pools[('tiny', 'seqkd_cold', 0)]}/config.yaml"]
+    assert pool_job.rollout.temperature == 0.5 and pool_job.teacher == "results/embedded/tiny/teacher/teacher.pt"
 
 
 def test_backbones_can_share_a_teacher(study_dict, presets):
@@ -116,3 +139,85 @@ def test_backbones_can_share_a_teacher(study_dict, presets):
     (presets / "backbones" / "wide.yaml").write_text("teacher_from: nowhere\nstudent: {vocab_size: 256}\n")
     with pytest.raises(ConfigError, match="teacher_from='nowhere'"):
         Study.load({**study_dict, "backbones": ["tiny", "wide"]})
+
+
+ABLATIONS = ["varkd", "varkd_no_selective", "varkd_no_reweight", "varkd_no_clusters", "varkd_gt_data",
+             "varkd_ar_rollouts"]
+
+
+def test_ablation_presets_change_one_component_of_varkd(study_dict):
+    study = Study.load({**study_dict, "ablations": ABLATIONS})
+    varkd = study.methods["varkd"]
+    term = varkd.terms[0]
+    assert term.data == "student" and term.weighting.selector != "none" and term.weighting.reweight != "none"
+    assert term.cluster_weight > 0 and varkd.clusters > 0 and varkd.rollout.sampler == "sjd"
+    changed = {
+        "varkd_no_selective": lambda m: m.terms[0].weighting.selector == "none",
+        "varkd_no_reweight": lambda m: m.terms[0].weighting.reweight == "none",
+        "varkd_no_clusters": lambda m: m.terms[0].cluster_weight == 0 and m.clusters == 0,
+        "varkd_gt_data": lambda m: m.terms[0].data == "ground_truth",
+        "varkd_ar_rollouts": lambda m: m.rollout.sampler == "ar",
+    }
+    for name, check in changed.items():
+        method = study.methods[name]
+        assert check(method) and not check(varkd), name
+        diff = [k for k in ("terms", "clusters", "rollout") if getattr(method, k) != getattr(varkd, k)]
+        assert len(diff) == 1 or name == "varkd_no_clusters", (name, diff)  # no_clusters also drops k
+    job = study.jobs["results/embedded/tiny/varkd/seed0/config.yaml"]
+    assert job.clusters == "results/embedded/data/clusters/k16.npy" and job.teacher is not None
+    assert study.jobs["results/embedded/data/clusters/k16.yaml"].num_clusters == 16
+    gt = study.jobs["results/embedded/tiny/varkd_gt_data/seed0/config.yaml"]
+    assert gt.teacher is None and gt.teacher_logits is not None  # ground truth: cached logits only
+
+
+def test_derived_presets_fail_on_unknown_keys_and_cycles(study_dict, presets):
+    methods = presets / "methods"
+    (methods / "bad.yaml").write_text("base: varkd\nset: {terms.0.weighting.treshold: 0.2}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: key 'terms.0.weighting.treshold' does not exist"):
+        Study.load({**study_dict, "ablations": ["bad"]})
+    (methods / "bad.yaml").write_text("base: bad2\n")
+    (methods / "bad2.yaml").write_text("base: bad\n")
+    with pytest.raises(ConfigError, match="derives from itself"):
+        Study.load({**study_dict, "ablations": ["bad"]})
+    (methods / "bad.yaml").write_text("base: varkd\nset: {terms.0.weighting.selector: always}\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*selector='always'"):
+        Study.load({**study_dict, "ablations": ["bad"]})
+    (methods / "bad.yaml").write_text("base: varkd\nset: {terms.0.cluster_weight: 0.5, clusters: 0}\n")
+    with pytest.raises(ConfigError, match="clusters must be > 0"):
+        Study.load({**study_dict, "ablations": ["bad"]})
+
+
+def test_sweeps_make_named_runs_on_their_backbones(study_dict):
+    sweeps = [{"method": "varkd", "key": "clusters", "name": "k", "values": [4, 64], "backbones": ["tiny"]},
+              {"method": "varkd", "key": "rollout.window", "name": "window", "values": [2]}]
+    study = Study.load({**study_dict, "ablations": ["varkd"], "sweeps": sweeps})
+    assert study.table_methods("ablations") == ["varkd", "varkd-k4", "varkd-k64", "varkd-window2"]
+    runs = {(r.backbone, r.method) for r in study.runs(study.table_methods("ablations"))}
+    assert ("tiny", "varkd-k4") in runs and ("tiny_wide", "varkd-k4") not in runs
+    assert ("tiny_wide", "varkd-window2") in runs
+    assert study.methods["varkd-k64"].clusters == 64 and study.methods["varkd-window2"].rollout.window == 2
+    assert study.jobs["results/embedded/tiny/varkd-k64/seed0/config.yaml"].clusters.endswith("clusters/k64.npy")
+    bad = [{**sweeps[1], "values": [4]}]
+    with pytest.raises(ConfigError, match="rollout.window=4 is the preset's own value"):
+        Study.load({**study_dict, "sweeps": bad})
+    with pytest.raises(ConfigError, match="key 'rollout.windw' does not exist"):
+        Study.load({**study_dict, "sweeps": [{**sweeps[1], "key": "rollout.windw"}]})
+    with pytest.raises(ConfigError, match="backbones \\['huge'\\]"):
+        Study.load({**study_dict, "sweeps": [{**sweeps[0], "backbones": ["huge"]}]})
+
+
+def test_hard_label_terms_take_no_weighting():
+    with pytest.raises(ConfigError, match="divergence=ce uses hard labels"):
+        TermConfig(divergence="ce", cluster_weight=0.5)
+    with pytest.raises(ConfigError, match="weighting.selector='sometimes'"):
+        TermConfig(weighting=WeightingConfig(selector="sometimes"))
+
+
+def test_full_embedded_study_overrides_only_the_budget(capsys):
+    """config/embedded-full.yaml: the default study with 3 seeds and a larger budget, merged key by key."""
+    default_path, full_path = REPO / "config" / "config.yaml", REPO / "config" / "embedded-full.yaml"
+    assert cli(["check-config", str(default_path), str(full_path)]) == 0
+    assert "study 'embedded-full': 108 runs" in capsys.readouterr().out
+    default, full = yaml.safe_load(default_path.read_text()), yaml.safe_load(full_path.read_text())
+    assert set(full) == {"study", "seeds", "student_optim"} and len(full["seeds"]) == 3
+    assert full["student_optim"]["steps"] > default["student_optim"]["steps"]

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from varkd import distill, sources
-from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLogitsJob, TermConfig
+from varkd.checkpoints import load_gpt
+from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLogitsJob, TeacherPoolJob, TermConfig
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
+from varkd.sjd import generate_sjd
 from tests.conftest import TINY, job
 
 
@@ -113,3 +115,60 @@ def test_two_term_method_logs_both_terms(codes, tmp_path):
     total = float(row["teacher_skl"]) + 0.5 * float(row["student_srkl"])
     assert float(row["loss"]) == pytest.approx(total, rel=1e-5)
     assert int(row["rollouts"]) == 8 and int(row["teacher_forwards"]) == 8  # two rollouts and two targets per step
+
+
+def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path):
+    """The pool: teacher samples for the training labels (some null), their logits, and a run that reads both."""
+    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    codes_train = str(codes / "codes_train.npz")
+    x, y = distill.load_codes(codes_train)
+    rollout = RolloutConfig(temperature=0.8, null_fraction=0.3, teacher_pool=True)
+    pool_dir = tmp_path / "pool"
+    distill.sample_teacher_pool(TeacherPoolJob(teacher=str(teacher_path), codes_train=codes_train, rollout=rollout,
+                                               seed=0, out_dir=str(pool_dir), batch_size=7))
+    pool_codes, pool_labels = distill.load_codes(pool_dir / "pool.npz")
+    logits = np.load(pool_dir / "logits.npy")
+    assert pool_codes.shape == x.shape and logits.shape == (len(x), 16, 16)
+    null = pool_labels == 3
+    assert torch.equal(pool_labels[~null], y[~null]) and 0 < null.sum() < len(y)
+    teacher = load_gpt(teacher_path)
+    torch.testing.assert_close(torch.from_numpy(logits[:5]).float(),
+                               distill.teacher_logits(teacher, pool_codes[:5], pool_labels[:5]), atol=0.02, rtol=0.02)
+    # the first batch is the teacher's draw for its labels, with the pool's generator
+    expected = generate(teacher, pool_labels[:7], temperature=0.8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pool_codes[:7], expected)
+
+    method = MethodConfig(terms=[TermConfig(data="teacher", divergence="fkl")], rollout=rollout)
+    student = distill.train_gpt(job(codes, tmp_path / "run", method="pooled", kd=method, steps=4,
+                                    teacher_pool=str(pool_dir)))
+    train = torch.load(student, weights_only=True)["train"]
+    assert train["teacher_forwards"] == 0 and train["rollouts"] == 0  # targets and sequences came from the pool
+    data = sources.StepData(method, x, y, BatchOrder(len(x), 8, seed=0), student=random_gpt(0), teacher=None, seed=0,
+                            total_steps=4, validation=lambda: 1.0, device=torch.device("cpu"),
+                            teacher_pool=(pool_codes, pool_labels))
+    batch = data(0, step=2)
+    targets = distill.TeacherTargets(None, {"teacher_pool": str(pool_dir / "logits.npy")}, len(x), null_class=3)
+    assert torch.equal(batch.codes, pool_codes[batch.index]) and torch.equal(batch.labels, pool_labels[batch.index])
+    assert torch.equal(targets(batch, batch.codes, batch.labels), torch.from_numpy(logits[batch.index]).float())
+
+
+def test_sjd_rollouts_count_their_sequential_steps(monkeypatch):
+    """sampler=sjd draws rollouts with speculative Jacobi decoding and counts its forward passes."""
+    calls = []
+
+    def recording_sjd(*args, **kwargs):
+        calls.append(kwargs)
+        return generate_sjd(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "generate_sjd", recording_sjd)
+    for sampler in ("ar", "sjd"):
+        method = MethodConfig(terms=[TermConfig(data="student", divergence="fkl")],
+                              rollout=RolloutConfig(sampler=sampler, window=8, init="repeat_horizon"))
+        data = step_data(method, random_gpt(0))
+        batch = data(0, step=1)
+        assert batch.codes.shape == (8, 16) and data.counts["rollout_tokens"] == 8 * 16
+        if sampler == "ar":
+            assert data.counts["rollout_steps"] == 16 and not calls
+        else:
+            assert len(calls) == 1 and calls[0]["window"] == 8 and calls[0]["init"] == "repeat_horizon"
+            assert 2 <= data.counts["rollout_steps"] <= 16

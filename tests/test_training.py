@@ -101,7 +101,7 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
     torch.testing.assert_close(torch.from_numpy(cache[:5, 1]).float(), live_null, atol=0.1, rtol=0.05)
 
     # the gather keeps the batch order and picks the null slot for null labels
-    targets = distill.TeacherTargets(None, str(tmp_path / "logits.npy"), len(x), null_class=3)
+    targets = distill.TeacherTargets(None, {"ground_truth": str(tmp_path / "logits.npy")}, len(x), null_class=3)
     index, labels = np.array([7, 2, 5]), torch.tensor([0, 3, 1])
     got = targets(sources.Batch(x[index], labels, index), x[index], labels)
     assert torch.equal(got[1], torch.from_numpy(cache[2, 1]).float())

@@ -59,12 +59,17 @@ def test_dry_run_of_the_embedded_study(presets):
     out = snakemake(presets.parent, "-n", "all").stdout
     for rule in ("train_teacher", "cache_teacher_logits", "train_student", "sample", "evaluate", "aggregate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
-    assert "results/embedded/tiny_wide/fkl/seed1/metrics.json" in out
+    assert "results/embedded/tiny_wide/fkl/seed0/metrics.json" in out
     assert out.count("\nrule train_teacher:") == 1  # tiny_wide borrows tiny's teacher
     out = snakemake(presets.parent, "-n", "all_baselines").stdout
     for method in ("rkl", "seqkd", "imitkd", "gkd", "onpolicy_rkl", "distillm", "distillm2"):
-        assert f"results/embedded/tiny_wide/{method}/seed1/metrics.json" in out, method
+        assert f"results/embedded/tiny_wide/{method}/seed0/metrics.json" in out, method
     assert "results/embedded/tables/baselines.csv" in out
+    out = snakemake(presets.parent, "-n", "all_ablations").stdout
+    for method in ("varkd", "varkd_no_clusters", "varkd_ar_rollouts"):
+        assert f"results/embedded/tiny_wide/{method}/seed0/metrics.json" in out, method
+    assert "results/embedded/tiny/varkd-k64/seed0/metrics.json" in out
+    assert "results/embedded/tables/ablations.csv" in out and "rule cluster_codebook:" in out
 
 
 def test_bad_config_fails_before_any_job(presets):
@@ -108,11 +113,22 @@ def test_miniature_study_end_to_end(presets):
                                     "aggregate": 1}
     fkl.write_text(fkl.read_text().replace("temperature: 2.0", "temperature: 1.0"))
 
-    # every baseline preset runs through the same rules (on-policy ones sample with the student, etc.)
-    snakemake(workdir, "all_baselines")
+    # every baseline, VarKD ablation and sweep runs through the same rules (one teacher pool per rollout
+    # setting, one codebook clustering per k, on-policy methods sample with the student, ...)
+    snakemake(workdir, "all_ablations")
     table = pd.read_csv(root / "tables" / "baselines.csv")
     assert list(table["method"]) == ["real", "teacher"] + study["baselines"]
     assert table["fid"].notna().all() and table["val_nll"][1:].notna().all()  # real images have no NLL
-    on_policy = table.set_index("method").loc[["imitkd", "onpolicy_rkl", "distillm2"]]
-    assert (on_policy["train_rollouts"] > 0).all()
-    assert table.set_index("method").loc["fkl", "train_teacher_forwards"] == 0  # cached logits only
+    runs = table.set_index("method")
+    assert (runs.loc[["imitkd", "onpolicy_rkl", "distillm2"], "train_rollouts"] > 0).all()
+    assert runs.loc["fkl", "train_teacher_forwards"] == 0  # cached logits only
+    assert runs.loc["seqkd", "train_teacher_forwards"] == 0 and runs.loc["seqkd", "train_rollouts"] == 0  # pool
+    ablations = pd.read_csv(root / "tables" / "ablations.csv").set_index("method")
+    sweeps = [f"varkd-{s['name']}{v}" for s in study["sweeps"] for v in s["values"]]
+    assert list(ablations.index) == ["real", "teacher"] + study["ablations"] + sweeps
+    assert ablations["fid"].notna().all()
+    # SJD and AR rollouts decode the same number of tokens; SJD needs fewer sequential steps per rollout
+    sjd, ar = ablations.loc["varkd"], ablations.loc["varkd_ar_rollouts"]
+    assert sjd["train_rollout_tokens"] == ar["train_rollout_tokens"]
+    assert sjd["train_rollout_steps"] < ar["train_rollout_steps"]
+    assert sorted(p.name for p in (root / "data" / "clusters").glob("*.npy")) == ["k16.npy", "k4.npy", "k64.npy"]

@@ -8,9 +8,11 @@ import pandas as pd
 
 from varkd.io import atomic_path, atomic_write_text
 
+# the cost of a training run, from its checkpoint's summary; metrics.json stores each as train_<key>
+TRAIN_COSTS = ("wall_s", "steps", "student_forwards", "teacher_forwards", "rollouts", "rollout_tokens",
+               "rollout_steps", "replayed")
 COLUMNS = ["backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "val_nll", "isc_std",
-           "num_samples", "num_real", "feature_extractor", "train_steps", "train_wall_s", "train_teacher_forwards",
-           "train_rollouts", "train_rollout_tokens", "train_replayed"]
+           "num_samples", "num_real", "feature_extractor", *(f"train_{key}" for key in TRAIN_COSTS)]
 METRICS = ["fid", "isc_mean", "precision", "recall", "val_nll"]
 
 

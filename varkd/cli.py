@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import distill, jobs
+from varkd import clusters, distill, jobs
 
 
 COMMANDS: dict[str, tuple[type, Callable]] = {
@@ -20,8 +20,10 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "train-tokenizer": (C.TokenizerJob, jobs.train_tokenizer),
     "extract-codes": (C.ExtractCodesJob, jobs.extract_codes),
     "train-classifier": (C.ClassifierJob, jobs.train_classifier),
+    "cluster-codebook": (C.ClusterJob, clusters.cluster_codebook),
     "train": (C.TrainJob, distill.train_gpt),
     "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
+    "teacher-pool": (C.TeacherPoolJob, distill.sample_teacher_pool),
     "sample": (C.SampleJob, jobs.sample),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
 }
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("--out-dir", required=True)
     agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv and .md")
     check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
-    check.add_argument("study", help="study config, e.g. config/config.yaml")
+    check.add_argument("study", nargs="+", help="study config files, later ones overriding earlier ones key by key "
+                                                "(as Snakemake's --configfile), e.g. config/config.yaml")
     args = parser.parse_args(argv)
 
     try:
@@ -52,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check-config":
             from varkd.study import Study
 
-            study = Study.load(args.study, args.study)
+            from omegaconf import OmegaConf
+
+            merged = OmegaConf.merge(*(OmegaConf.load(path) for path in args.study))
+            study = Study.load(merged, " + ".join(args.study))
             print(f"study {study.name!r}: {len(study.runs())} runs, {len(study.jobs)} jobs")
         else:
             if args.threads:

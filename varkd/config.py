@@ -88,6 +88,39 @@ class OptimConfig:
 
 DIVERGENCES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")  # ce: hard labels; the rest: varkd.losses
 DATA_SOURCES = ("ground_truth", "teacher", "student", "mixed", "adaptive")
+SELECTORS = ("none", "confidence", "entropy", "acceptance", "topk")
+REWEIGHTS = ("none", "confidence", "entropy")
+
+
+@dataclass
+class WeightingConfig:
+    """The token-weighting axis: which positions get teacher supervision, and how much (kd-methods.md 5, 8.3).
+
+    A position's weight is gate * score. The gate is 1 where the selector accepts the position and low_weight
+    elsewhere (0 masks it): confidence max_v p_T(v) >= threshold; entropy H(p_T) <= threshold (nats);
+    acceptance min(1, p_T(x)/q_S(x)) >= threshold for the sequence's own token x (speculative verification);
+    topk x among the teacher's top_k tokens. The score reweights every position continuously: confidence
+    max_v p_T(v), entropy 1 - H(p_T)/log V, none 1. Weights carry no gradient.
+    """
+
+    selector: str = "none"  # none | confidence | entropy | acceptance | topk
+    threshold: float = 0.5
+    top_k: int = 10
+    low_weight: float = 0.0  # gate of rejected positions (SelecTKD's beta; 0 masks them)
+    reweight: str = "none"  # none | confidence | entropy
+    normalize: str = "weights"  # weights: sum(w * D) / sum(w); positions: sum(w * D) / number of positions
+
+    def __post_init__(self):
+        _check_choice("weighting.selector", self.selector, SELECTORS)
+        _check_choice("weighting.reweight", self.reweight, REWEIGHTS)
+        _check_choice("weighting.normalize", self.normalize, ("weights", "positions"))
+        _check_positive(self, "top_k")
+        if self.threshold < 0 or not 0 <= self.low_weight <= 1:
+            raise ConfigError("weighting needs threshold >= 0 and 0 <= low_weight <= 1")
+
+    @property
+    def active(self) -> bool:
+        return self.selector != "none" or self.reweight != "none"
 
 
 @dataclass
@@ -100,11 +133,16 @@ class TermConfig:
     beta: float = 0.5  # jsd: M = beta * teacher + (1 - beta) * student (GKD convention: 0 -> FKL, 1 -> RKL)
     alpha: float = 0.1  # skl / srkl: skew of the mixture (DistiLLM)
     detach_mixture: bool = False  # srkl: stop-gradient on the student inside the mixture (DistiLLM-2: true)
+    # compressed token space: D = (1 - w) * D(tokens) + w * D(cluster marginals over the method's clusters)
+    cluster_weight: float = 0.0
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def __post_init__(self):
         _check_choice("data", self.data, DATA_SOURCES)
         _check_choice("divergence", self.divergence, DIVERGENCES)
-        for name in ("beta", "alpha"):
+        if self.divergence == "ce" and (self.cluster_weight or self.weighting.active):
+            raise ConfigError("divergence=ce uses hard labels: it takes no cluster_weight and no token weighting")
+        for name in ("beta", "alpha", "cluster_weight"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.weight < 0:
@@ -124,8 +162,18 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
     null_fraction: float = 0.1  # share of rollouts drawn for, and trained with, the null class (keeps CFG calibrated)
+    # data=teacher: false samples fresh sequences every step; true draws one per training sequence once per
+    # teacher and these settings, with its logits (SeqKD's offline distillation set; DistiLLM-2 also
+    # pre-generates its teacher responses), and every epoch reuses it at the cost of ground-truth KD.
+    teacher_pool: bool = False
+    sampler: str = "ar"  # ar: token by token with the KV cache | sjd: speculative Jacobi decoding (lossless, parallel)
+    window: int = 16  # sjd: draft tokens verified per forward pass (SJD's default L = 16)
+    init: str = "random"  # sjd: drafts for new positions: random tokens | repeat_horizon (the token one row above)
 
     def __post_init__(self):
+        _check_choice("rollout.sampler", self.sampler, ("ar", "sjd"))
+        _check_choice("rollout.init", self.init, ("random", "repeat_horizon"))
+        _check_positive(self, "window")
         if self.cfg_scale < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("rollout needs cfg_scale >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
         if not 0 <= self.null_fraction < 1:
@@ -157,10 +205,14 @@ class MethodConfig:
     lmbda: float = 0.5  # data=mixed: probability that a step trains on fresh student samples (GKD)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    clusters: int = 0  # codebook clusters for terms with cluster_weight > 0 (equal sizes: must divide the vocabulary)
 
     def __post_init__(self):
         if not self.terms:
             raise ConfigError("terms must list at least one loss term")
+        if self.uses_clusters != (self.clusters > 0):
+            raise ConfigError("clusters must be > 0 exactly when a term has cluster_weight > 0 "
+                              f"(clusters={self.clusters})")
         _check_positive(self, "temperature")
         if not 0 <= self.lmbda <= 1:
             raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
@@ -177,9 +229,19 @@ class MethodConfig:
         return any(t.uses_teacher_logits and t.data in ("ground_truth", "mixed", "adaptive") for t in self.terms)
 
     @property
+    def uses_clusters(self) -> bool:
+        return any(t.cluster_weight > 0 for t in self.terms)
+
+    @property
+    def uses_teacher_pool(self) -> bool:
+        return self.rollout.teacher_pool and any(t.data == "teacher" for t in self.terms)
+
+    @property
     def needs_live_teacher(self) -> bool:
-        """Some steps need the teacher itself: to sample, or to score sampled sequences."""
-        return any(t.data == "teacher" or (t.uses_teacher_logits and t.data != "ground_truth") for t in self.terms)
+        """Some steps need the teacher itself: to sample, or to score sequences the student sampled."""
+        pool = self.rollout.teacher_pool
+        return any((t.data == "teacher" and not pool)
+                   or (t.uses_teacher_logits and t.data not in ("ground_truth", "teacher")) for t in self.terms)
 
 
 @dataclass
@@ -258,6 +320,24 @@ def check_pair(teacher: GPTConfig, student: GPTConfig) -> None:
 
 
 @dataclass
+class SweepConfig:
+    """One value axis of a method swept: a run per value, named <method>-<name><value> (e.g. varkd-k32)."""
+
+    method: str = "???"  # the preset swept
+    key: str = "???"  # dotted path in the method config, e.g. terms.0.weighting.threshold or rollout.window
+    name: str = "???"  # short axis name used in run names and tables
+    values: list[Any] = field(default_factory=list)
+    backbones: list[str] = field(default_factory=list)  # empty: every backbone of the study
+
+    def __post_init__(self):
+        if not self.values:
+            raise ConfigError(f"sweep {self.name!r} of {self.method!r} lists no values")
+
+    def run_name(self, value: Any) -> str:
+        return f"{self.method}-{self.name}{value}"
+
+
+@dataclass
 class StudyConfig:
     """One study: the dataset, tokenizer, metric, and the backbone x method x seed grid."""
 
@@ -269,6 +349,8 @@ class StudyConfig:
     backbones: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)  # target all -> tables/main.csv
     baselines: list[str] = field(default_factory=list)  # target all_baselines -> tables/baselines.csv
+    ablations: list[str] = field(default_factory=list)  # with the sweeps: target all_ablations -> tables/ablations.csv
+    sweeps: list[SweepConfig] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     student_optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -277,11 +359,11 @@ class StudyConfig:
     def __post_init__(self):
         if not self.backbones or not self.methods or not self.seeds:
             raise ConfigError("backbones, methods and seeds must each list at least one entry")
-        for key in ("backbones", "methods", "baselines", "seeds"):
+        for key in ("backbones", "methods", "baselines", "ablations", "seeds"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key} has duplicates: {values}")
-        if "teacher" in self.methods + self.baselines:
+        if "teacher" in self.methods + self.baselines + self.ablations:
             raise ConfigError("'teacher' is reserved for the teacher runs; it cannot be a method name")
 
 
@@ -346,11 +428,28 @@ class TrainJob:
     codes_val: str = "???"
     teacher: Optional[str] = None  # teacher checkpoint, for methods that sample from it or score samples
     teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
+    teacher_pool: Optional[str] = None  # folder of pool.npz + logits.npy: teacher samples drawn once (TeacherPoolJob)
+    clusters: Optional[str] = None  # codebook cluster assignment (.npy) for terms with cluster_weight > 0
     out_dir: str = "???"
     checkpoint_name: str = "student.pt"
 
     def inputs(self) -> list[str]:
-        return [p for p in (self.codes_train, self.codes_val, self.teacher, self.teacher_logits) if p]
+        pool = [f"{self.teacher_pool}/pool.npz", f"{self.teacher_pool}/logits.npy"] if self.teacher_pool else []
+        files = (self.codes_train, self.codes_val, self.teacher, self.teacher_logits, self.clusters)
+        return [p for p in files if p] + pool
+
+
+@dataclass
+class ClusterJob:
+    """The tokenizer's codebook in num_clusters equal-size clusters (varkd.clusters)."""
+
+    tokenizer: str = "???"
+    num_clusters: int = 16
+    seed: int = 0
+    out: str = "???"  # int64 assignment [V] (.npy)
+
+    def inputs(self) -> list[str]:
+        return [self.tokenizer]
 
 
 @dataclass
@@ -359,6 +458,21 @@ class TeacherLogitsJob:
     codes_train: str = "???"
     out: str = "???"
     batch_size: int = 256
+
+    def inputs(self) -> list[str]:
+        return [self.teacher, self.codes_train]
+
+
+@dataclass
+class TeacherPoolJob:
+    """Teacher samples for every training label (a null_fraction of them unconditional) and their logits."""
+
+    teacher: str = "???"
+    codes_train: str = "???"  # its labels: one sample per training sequence
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    seed: int = 0
+    out_dir: str = "???"  # pool.npz (codes int32 [N, T], labels int64 [N]), logits.npy (float16 [N, T, V])
+    batch_size: int = 250
 
     def inputs(self) -> list[str]:
         return [self.teacher, self.codes_train]

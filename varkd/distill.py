@@ -15,11 +15,14 @@ import torch
 
 from varkd import losses
 from varkd.checkpoints import load_gpt, save_model
-from varkd.config import TeacherLogitsJob, TermConfig, TrainJob, to_yaml
-from varkd.io import atomic_path, load_npz, provenance
+from varkd.clusters import cluster_logits, load_clusters
+from varkd.config import TeacherLogitsJob, TeacherPoolJob, TermConfig, TrainJob, to_yaml
+from varkd.io import atomic_path, atomic_save_npz, load_npz, provenance
 from varkd.loop import BatchOrder, autocast, train
 from varkd.models.gpt import GPT, GPTConfig
+from varkd.sampling import generate
 from varkd.sources import Batch, StepData
+from varkd.weighting import token_weights, weighted_mean
 
 
 def load_codes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +30,7 @@ def load_codes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(arrays["codes"].astype(np.int64)), torch.from_numpy(arrays["labels"].astype(np.int64))
 
 
-def check_codes(codes: torch.Tensor, labels: torch.Tensor, model: GPT, source: str) -> None:
+def check_codes(codes: torch.Tensor, labels: torch.Tensor, model: GPT, source: str, allow_null: bool = False) -> None:
     """Fail before any compute if the codes do not fit the model (vocabulary, grid, classes)."""
     cfg = model.config
     if codes.shape[1] != cfg.block_size:
@@ -35,36 +38,54 @@ def check_codes(codes: torch.Tensor, labels: torch.Tensor, model: GPT, source: s
     if int(codes.max()) >= cfg.vocab_size:
         raise ValueError(f"{source}: code {int(codes.max())} >= model vocab_size={cfg.vocab_size} "
                          "(tokenizer codebook and backbone vocabulary differ)")
-    if int(labels.max()) >= cfg.num_classes:
+    if int(labels.max()) >= cfg.num_classes + int(allow_null):
         raise ValueError(f"{source}: label {int(labels.max())} >= model num_classes={cfg.num_classes}")
 
 
 class TeacherTargets:
-    """Teacher logits for a batch: from the per-teacher cache for ground-truth rows, else a live forward."""
+    """Teacher logits for a batch: read from a cache where the batch indexes one, else a live forward.
 
-    def __init__(self, teacher: Optional[GPT], cache: Optional[str], num_items: int, null_class: int,
+    Caches: ground_truth [N, 2, T, V] (cond and null label of every training sequence), teacher_pool [N, T, V]
+    (each pool sequence under the label it was sampled with).
+    """
+
+    def __init__(self, teacher: Optional[GPT], caches: dict[str, Optional[str]], num_items: int, null_class: int,
                  counts: Optional[dict] = None):
-        self.teacher, self.cache, self.null_class = teacher, None, null_class
+        self.teacher, self.null_class = teacher, null_class
         self.counts = {} if counts is None else counts  # teacher_forwards, checkpointed with the run's counts
-        if cache is not None:
-            self.cache = np.load(cache, mmap_mode="r")
-            if self.cache.ndim != 4 or self.cache.shape[0] != num_items or self.cache.shape[1] != 2:
-                raise ValueError(f"teacher logits {cache} have shape {self.cache.shape}, "
-                                 f"expected [{num_items}, 2, T, V] (cond, null)")
+        self.caches = {}
+        for name, path in caches.items():
+            if path is None:
+                continue
+            cache = np.load(path, mmap_mode="r")
+            expected = (num_items, 2) if name == "ground_truth" else (num_items,)
+            if cache.shape[: len(expected)] != expected or cache.ndim != len(expected) + 2:
+                raise ValueError(f"teacher logits {path} have shape {cache.shape}, expected "
+                                 f"[{', '.join(map(str, expected))}, T, V]")
+            self.caches[name] = cache
 
     def __call__(self, batch: Batch, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if batch.index is not None and self.cache is not None:
-            is_null = (batch.labels == self.null_class).numpy().astype(np.int64)
+        cache = self.caches.get(batch.cache) if batch.index is not None else None
+        if cache is not None:
             order = np.argsort(batch.index, kind="stable")  # sorted reads are much faster on a memory map
-            rows = self.cache[batch.index[order], is_null[order]]
+            if batch.cache == "ground_truth":
+                is_null = (batch.labels == self.null_class).numpy().astype(np.int64)
+                rows = cache[batch.index[order], is_null[order]]
+            else:
+                rows = cache[batch.index[order]]
             logits = np.empty_like(rows)
             logits[order] = rows
             return torch.from_numpy(logits.astype(np.float32)).to(codes.device)
         if self.teacher is None:
             raise ValueError("this batch needs live teacher logits but the job has no teacher checkpoint")
         self.counts["teacher_forwards"] = self.counts.get("teacher_forwards", 0) + 1
-        with torch.no_grad(), autocast(codes.device, "bf16"):  # frozen teacher: bf16, like the cache
-            return self.teacher(codes[:, :-1], labels).float()
+        return teacher_logits(self.teacher, codes, labels)
+
+
+def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of the frozen teacher under bf16 autocast (as stored in the caches), float32."""
+    with torch.no_grad(), autocast(codes.device, "bf16"):
+        return teacher(codes[:, :-1], labels).float()
 
 
 @torch.no_grad()
@@ -84,12 +105,25 @@ def validation_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, batch_
 
 
 def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
-              temperature: float) -> torch.Tensor:
-    """One term's per-position loss: hard-label CE on the sequence, or a divergence to the teacher."""
+              temperature: float, clusters: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+    """One term's scalar loss: hard-label CE on the sequence, or a divergence to the teacher over tokens and/or
+    cluster marginals (clusters: the codes in cluster order and their number), weighted per position."""
     if term.divergence == "ce":
-        return losses.cross_entropy(logits, codes)
-    return losses.divergence(term.divergence, logits, target, temperature=temperature, beta=term.beta,
-                             alpha=term.alpha, detach_mixture=term.detach_mixture)
+        return losses.reduce(losses.cross_entropy(logits, codes))
+    options = dict(beta=term.beta, alpha=term.alpha, detach_mixture=term.detach_mixture)
+    per_position = 0.0
+    if term.cluster_weight < 1:
+        tokens = losses.divergence(term.divergence, logits, target, temperature=temperature, **options)
+        per_position = (1 - term.cluster_weight) * tokens
+    if term.cluster_weight > 0:
+        order, k = clusters
+        student, teacher = (cluster_logits(x.float() / temperature, order, k) for x in (logits, target))
+        marginals = temperature**2 * losses.divergence(term.divergence, student, teacher, **options)
+        per_position = per_position + term.cluster_weight * marginals
+    if not term.weighting.active:
+        return losses.reduce(per_position)
+    weights = token_weights(term.weighting, logits, target, codes)
+    return weighted_mean(per_position, weights, term.weighting.normalize)
 
 
 def load_teacher(path: str, student: GPTConfig, device: torch.device) -> GPT:
@@ -119,9 +153,26 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     def validation() -> float:
         return validation_nll(model, val_codes, val_labels, device=device)
 
+    pool = None
+    if kd.uses_teacher_pool:
+        if job.teacher_pool is None:
+            raise ValueError(f"method {job.method!r} sets rollout.teacher_pool: TrainJob.teacher_pool is unset")
+        pool = load_codes(f"{job.teacher_pool}/pool.npz")
+        if len(pool[0]) != len(codes):
+            raise ValueError(f"{job.teacher_pool}/pool.npz has {len(pool[0])} sequences, the training set {len(codes)}")
+        check_codes(pool[0], pool[1], model, f"{job.teacher_pool}/pool.npz", allow_null=True)
+
     data = StepData(kd, codes, labels, BatchOrder(len(codes), job.optim.batch_size, job.seed), student=model,
-                    teacher=teacher, seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device)
-    targets = TeacherTargets(teacher, job.teacher_logits, len(codes), job.model.num_classes, data.counts)
+                    teacher=teacher, seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device,
+                    teacher_pool=pool)
+    caches = {"ground_truth": job.teacher_logits,
+              "teacher_pool": f"{job.teacher_pool}/logits.npy" if pool is not None else None}
+    targets = TeacherTargets(teacher, caches, len(codes), job.model.num_classes, data.counts)
+    clusters = None
+    if kd.uses_clusters:
+        if job.clusters is None:
+            raise ValueError(f"method {job.method!r} distils in cluster space: TrainJob.clusters is unset")
+        clusters = (load_clusters(job.clusters, job.model.vocab_size, kd.clusters).to(device), kd.clusters)
     names = [f"{t.data}_{t.divergence}" for t in kd.terms]
     names = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
@@ -131,8 +182,9 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
             batch = data(i, step)
             x, y = batch.codes.to(device), batch.labels.to(device)
             logits = model(x[:, :-1], y)
+            data.counts["student_forwards"] += 1
             target = targets(batch, x, y) if term.uses_teacher_logits else None
-            value = losses.reduce(term_loss(term, logits, x, target, kd.temperature))
+            value = term_loss(term, logits, x, target, kd.temperature, clusters)
             total = total + term.weight * value
             logs[names[i]] = value.item()
         return total, {**logs, **data.counts}
@@ -164,8 +216,37 @@ def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.dev
         for i in range(0, len(codes), job.batch_size):
             x, y = codes[i : i + job.batch_size].to(device), labels[i : i + job.batch_size].to(device)
             for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
-                with autocast(device, "bf16"):
-                    logits = teacher(x[:, :-1], cond)
-                out[i : i + len(x), slot] = logits.float().cpu().numpy().astype(np.float16)
+                out[i : i + len(x), slot] = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
         out.flush()
         del out
+
+
+@torch.no_grad()
+def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device("cpu")) -> None:
+    """One teacher sample per training label (null with probability null_fraction), and its logits [N, T, V].
+
+    Shared by every run whose method trains on teacher samples with these rollout settings, across students and
+    seeds; logits.npy is written before pool.npz, so a complete-looking pool always has its logits.
+    """
+    teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
+    cfg, r = teacher.config, job.rollout
+    codes_train, labels = load_codes(job.codes_train)
+    check_codes(codes_train, labels, teacher, job.codes_train)
+    rng = np.random.default_rng(job.seed)
+    labels = labels.clone()
+    labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
+    generator = torch.Generator(device).manual_seed(job.seed)
+    codes = torch.empty(len(labels), cfg.block_size, dtype=torch.long)
+    out_dir = Path(job.out_dir)
+    with atomic_path(out_dir / "logits.npy", suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                        shape=(len(labels), cfg.block_size, cfg.vocab_size))
+        for i in range(0, len(labels), job.batch_size):
+            y = labels[i : i + job.batch_size].to(device)
+            x = generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
+                         top_p=r.top_p, generator=generator)
+            codes[i : i + len(y)] = x.cpu()
+            out[i : i + len(y)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
+        out.flush()
+        del out
+    atomic_save_npz(out_dir / "pool.npz", codes=codes.numpy().astype(np.int32), labels=labels.numpy())

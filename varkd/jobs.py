@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from varkd.aggregate import TRAIN_COSTS
 from varkd.checkpoints import load_gpt, load_model, load_vq, save_model
 from varkd.classifier import Classifier, accuracy, classifier_loss
 from varkd.config import (ClassifierJob, EvaluateJob, ExtractCodesJob, PrepareDataJob, SampleJob, TokenizerJob,
@@ -142,7 +143,7 @@ def evaluate(job: EvaluateJob, device: torch.device) -> None:
         codes, labels = load_codes(job.codes_val)
         result["val_nll"] = validation_nll(model.eval().to(device), codes, labels, device=device)
         train_summary = ckpt.get("train", {})  # cost of the run, to set quality against
-        for key in ("wall_s", "steps", "teacher_forwards", "rollouts", "rollout_tokens", "replayed"):
+        for key in TRAIN_COSTS:
             result[f"train_{key}"] = train_summary.get(key)
     result["eval_wall_s"] = round(time.perf_counter() - start, 2)
     result["provenance"] = provenance(device.type)

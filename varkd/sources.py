@@ -1,7 +1,8 @@
 """Where a KD step's sequences come from (design section 2, the data-source axis).
 
 ground_truth: codes of real images. teacher / student: sequences sampled by that model (no gradient, eval mode,
-the KV-cache sampler, rollout settings of the method). mixed: GKD's on-policy fraction lambda. adaptive:
+the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); teacher samples may instead come from a pool drawn once
+(`rollout.teacher_pool`), read like the ground truth. mixed: GKD's on-policy fraction lambda. adaptive:
 DistiLLM's schedule over fresh student samples, a replay buffer of them, and ground truth.
 
 Every random choice of a step is seeded by (seed, step, term), so a resumed run draws exactly what an
@@ -20,13 +21,15 @@ from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT
 from varkd.sampling import generate
 from varkd.schedules import AdaptiveSchedule, OnPolicyMixture, ReplayBuffer
+from varkd.sjd import generate_sjd
 
 
 @dataclass
 class Batch:
     codes: torch.Tensor  # [B, T] long
     labels: torch.Tensor  # [B] long, the null class where dropped
-    index: Optional[np.ndarray] = None  # dataset rows (ground truth only): keys of the teacher-logit cache
+    index: Optional[np.ndarray] = None  # rows of a dataset with cached teacher logits (ground truth, teacher pool)
+    cache: str = "ground_truth"  # which cache `index` points into: ground_truth | teacher_pool
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
@@ -39,8 +42,10 @@ class StepData:
 
     def __init__(self, method: MethodConfig, codes: torch.Tensor, labels: torch.Tensor, order: BatchOrder, *,
                  student: GPT, teacher: Optional[GPT], seed: int, total_steps: int,
-                 validation: Callable[[], float], device: torch.device):
+                 validation: Callable[[], float], device: torch.device,
+                 teacher_pool: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         self.method, self.codes, self.labels, self.order = method, codes, labels, order
+        self.teacher_pool = teacher_pool  # (codes, labels) aligned with the training rows
         self.student, self.teacher, self.seed, self.device = student, teacher, seed, device
         self.validation = validation
         self.null_class = student.config.num_classes
@@ -52,7 +57,9 @@ class StepData:
         self.buffer = ReplayBuffer(ad.capacity)
         if any(t.data == "adaptive" for t in method.terms) and ad.capacity < order.batch_size:
             raise ValueError(f"adaptive.capacity={ad.capacity} is smaller than the batch size {order.batch_size}")
-        self.counts = {"rollouts": 0, "rollout_tokens": 0, "replayed": 0, "teacher_forwards": 0}
+        # cost of the run: training forwards of the student, decoding forward passes of rollouts (sequential steps)
+        self.counts = {"rollouts": 0, "rollout_tokens": 0, "rollout_steps": 0, "replayed": 0, "teacher_forwards": 0,
+                       "student_forwards": 0}
 
     def __call__(self, term_index: int, step: int) -> Batch:
         term = self.method.terms[term_index]
@@ -65,6 +72,9 @@ class StepData:
             return self._adaptive(step, rng, generator)
         if source == "ground_truth":
             return self.ground_truth(step)
+        if source == "teacher" and self.teacher_pool is not None:
+            index = self.order(step)
+            return Batch(self.teacher_pool[0][index], self.teacher_pool[1][index], index, "teacher_pool")
         return self.rollout(self.student if source == "student" else self.teacher, step, rng, generator)
 
     def ground_truth(self, step: int) -> Batch:
@@ -77,8 +87,14 @@ class StepData:
         r = self.method.rollout
         labels = self.labels[self.order(step)].clone()
         labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = self.null_class
-        codes = generate(model, labels.to(self.device), cfg_scale=r.cfg_scale, temperature=r.temperature,
-                         top_k=r.top_k, top_p=r.top_p, generator=generator)
+        options = dict(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                       generator=generator)
+        if r.sampler == "sjd":
+            codes, stats = generate_sjd(model, labels.to(self.device), window=r.window, init=r.init, **options)
+            self.counts["rollout_steps"] += stats["iterations"]
+        else:
+            codes = generate(model, labels.to(self.device), **options)
+            self.counts["rollout_steps"] += codes.shape[1]
         self.counts["rollouts"] += 1
         self.counts["rollout_tokens"] += codes.numel()
         return Batch(codes.cpu(), labels.cpu())

@@ -5,15 +5,19 @@ job configs; each job's YAML is written by the workflow before the job runs and 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from varkd.config import (BackboneConfig, ClassifierJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
-                          PrepareDataJob, SampleJob, StudyConfig, TeacherLogitsJob, TermConfig, TokenizerJob,
-                          TrainJob, check_pair, structured, to_yaml)
+from omegaconf import OmegaConf
+
+from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
+                          PrepareDataJob, RolloutConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
+                          TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
 
 RESULTS = "results"
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -23,12 +27,47 @@ class Run:
     seed: int
 
 
-def load_preset(schema: type, folder: Path, name: str, what: str):
+def preset_path(folder: Path, name: str, what: str) -> Path:
     path = folder / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ConfigError(f"unknown {what} {name!r}: no {path} (available: {available})")
-    return structured(schema, path, str(path))
+    return path
+
+
+def with_overrides(base: MethodConfig, overrides: dict[str, Any], source: str) -> MethodConfig:
+    """The base method with dotted keys set (e.g. terms.0.cluster_weight), checked like a preset."""
+    cfg = OmegaConf.structured(base)
+    for key, value in overrides.items():
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(f"{source}: key {key!r} does not exist in the method config")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return structured(MethodConfig, cfg, source)
+
+
+def load_method(folder: Path, name: str, seen: tuple[str, ...] = ()) -> MethodConfig:
+    """A method preset: a MethodConfig YAML, or `base: <preset>` with `set: {dotted.key: value}` (ablations)."""
+    path = preset_path(folder, name, "method")
+    data = OmegaConf.load(path)
+    if "base" not in data:
+        return structured(MethodConfig, data, str(path))
+    if set(data) - {"base", "set"}:
+        raise ConfigError(f"{path}: a derived preset has only the keys base and set, got {sorted(data)}")
+    if data.base in seen + (name,):
+        raise ConfigError(f"{path}: base {data.base!r} derives from itself")
+    base = load_method(folder, data.base, seen + (name,))
+    return with_overrides(base, OmegaConf.to_container(data.get("set", {})), str(path))
+
+
+def sweep_methods(sweep: SweepConfig, base: MethodConfig) -> dict[str, MethodConfig]:
+    """The swept methods: the base preset with `key` set to each value."""
+    methods = {}
+    for value in sweep.values:
+        where = f"sweep {sweep.name!r} of {sweep.method!r}, value {value!r}"
+        if OmegaConf.select(OmegaConf.structured(base), sweep.key, default=_MISSING) == value:
+            raise ConfigError(f"{where}: {sweep.key}={value!r} is the preset's own value; the preset is that run")
+        methods[sweep.run_name(value)] = with_overrides(base, {sweep.key: value}, where)
+    return methods
 
 
 class Study:
@@ -48,14 +87,28 @@ class Study:
         """Validate a study (dict, DictConfig or YAML path) and its presets; errors name the file and key."""
         cfg = structured(StudyConfig, data, source)
         presets = Path(cfg.presets)
-        backbones = {b: load_preset(BackboneConfig, presets / "backbones", b, "backbone") for b in cfg.backbones}
-        names = dict.fromkeys(cfg.methods + cfg.baselines)
-        methods = {m: load_preset(MethodConfig, presets / "methods", m, "method") for m in names}
+        backbones = {}
+        for b in cfg.backbones:
+            path = preset_path(presets / "backbones", b, "backbone")
+            backbones[b] = structured(BackboneConfig, path, str(path))
+        names = dict.fromkeys(cfg.methods + cfg.baselines + cfg.ablations + [s.method for s in cfg.sweeps])
+        methods = {m: load_method(presets / "methods", m) for m in names}
+        for sweep in cfg.sweeps:
+            methods.update(sweep_methods(sweep, methods[sweep.method]))
         return cls(cfg, backbones, methods)
 
     def _check_consistency(self) -> None:
         """Mismatched vocabularies, grids or classes fail here, before any job runs."""
         cfg, vq = self.cfg, self.cfg.tokenizer.model
+        presets = set(cfg.methods + cfg.baselines + cfg.ablations)
+        for sweep in cfg.sweeps:
+            unknown = set(sweep.backbones) - set(cfg.backbones)
+            if unknown:
+                raise ConfigError(f"sweep {sweep.name!r}: backbones {sorted(unknown)} are not in the study's "
+                                  f"backbones {cfg.backbones}")
+            for value in sweep.values:
+                if sweep.run_name(value) in presets:
+                    raise ConfigError(f"sweep {sweep.name!r}: run name {sweep.run_name(value)!r} is also a preset")
         grid = cfg.data.image_size // vq.downsample
         if cfg.classifier.model.num_classes != cfg.data.num_classes:
             raise ConfigError(f"classifier.model.num_classes={cfg.classifier.model.num_classes} != "
@@ -99,6 +152,9 @@ class Study:
     def codes(self, split: str) -> str:
         return self.path("data", "codes", f"codes_{split}.npz")
 
+    def clusters(self, k: int) -> str:
+        return self.path("data", "clusters", f"k{k}.npy")
+
     @property
     def classifier(self) -> str:
         return self.path("data", "classifier", "classifier.pt")
@@ -114,20 +170,34 @@ class Study:
     def teacher_dir(self, backbone: str) -> str:
         return self.path(self.backbones[backbone].teacher_from or backbone, "teacher")
 
+    def teacher_pool_dir(self, backbone: str, rollout: RolloutConfig) -> str:
+        """One pool per teacher and rollout settings, shared by every method, student and seed that use them."""
+        key = hashlib.sha256(to_yaml(rollout).encode()).hexdigest()[:8]
+        return f"{self.teacher_dir(backbone)}/pool_{key}"
+
     def run_dir(self, run: Run) -> str:
         return self.path(run.backbone, run.method, f"seed{run.seed}")
 
+    @property
+    def sweep_runs(self) -> dict[str, list[str]]:
+        """Swept method name -> the backbones it runs on."""
+        return {sweep.run_name(v): sweep.backbones or self.cfg.backbones for sweep in self.cfg.sweeps
+                for v in sweep.values}
+
     def table_methods(self, table: str) -> list[str]:
-        """The methods of a results table: main (target all) or baselines (target all_baselines)."""
-        tables = {"main": self.cfg.methods, "baselines": self.cfg.baselines}
+        """The methods of a results table: main (target all), baselines (all_baselines), ablations (all_ablations)."""
+        tables = {"main": self.cfg.methods, "baselines": self.cfg.baselines,
+                  "ablations": list(dict.fromkeys(self.cfg.ablations + list(self.sweep_runs)))}
         if table not in tables:
             raise KeyError(f"unknown table {table!r}; tables: {list(tables)}")
         return tables[table]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
-        """Runs of the given methods (default: every method of the study) on every backbone and seed."""
-        methods = list(self.methods) if methods is None else methods
-        return [Run(b, m, s) for b in self.cfg.backbones for m in methods for s in self.cfg.seeds]
+        """Runs of the given methods (default: every method of the study) on their backbones and every seed."""
+        methods = list(self.methods) if methods is None else list(dict.fromkeys(methods))
+        sweeps = self.sweep_runs
+        return [Run(b, m, s) for b in self.cfg.backbones for m in methods for s in self.cfg.seeds
+                if b in sweeps.get(m, self.cfg.backbones)]
 
     def metrics_files(self, methods: list[str] | None = None) -> list[str]:
         """Every metrics.json a table needs: the real-vs-real floor, each teacher, then the runs."""
@@ -182,11 +252,22 @@ class Study:
 
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
+        pool, clusters = None, None
+        if method.uses_clusters:
+            clusters = self.clusters(method.clusters)
+            self.jobs[self.path("data", "clusters", f"k{method.clusters}.yaml")] = ClusterJob(
+                tokenizer=self.tokenizer, num_clusters=method.clusters, out=clusters)
+        if method.uses_teacher_pool:
+            pool = self.teacher_pool_dir(run.backbone, method.rollout)
+            self.jobs[f"{pool}/config.yaml"] = TeacherPoolJob(
+                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=method.rollout,
+                seed=self.backbones[run.backbone].teacher_seed, out_dir=pool)
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
             model=self.backbones[run.backbone].student, kd=method, optim=self.cfg.student_optim,
             codes_train=self.codes("train"), codes_val=self.codes("val"),
             teacher=f"{tdir}/teacher.pt" if method.needs_live_teacher else None,
-            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits else None, out_dir=rdir)
+            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits else None,
+            teacher_pool=pool, clusters=clusters, out_dir=rdir)
         self._add_generation_jobs(rdir, f"{rdir}/student.pt",
                                   {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed)

@@ -22,7 +22,9 @@ wildcard_constraints:
     method=r"[^/]+",
     seed=r"\d+",
     rundir=r"[^/]+/(teacher|[^/]+/seed\d+)",
-    table=r"main|baselines",
+    table=r"main|baselines|ablations",
+    pool=r"pool_[0-9a-f]+",
+    k=r"\d+",
 
 
 def job(config_path):

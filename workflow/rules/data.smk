@@ -55,3 +55,16 @@ rule train_classifier:
     threads: 1
     shell:
         "varkd train-classifier {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule cluster_codebook:
+    """The codebook in k equal-size clusters, for distillation in the compressed token space."""
+    input:
+        unpack(job("results/{study}/data/clusters/k{k}.yaml")),
+    output:
+        "results/{study}/data/clusters/k{k}.npy",
+    log:
+        "results/logs/{study}/cluster_codebook_k{k}.log",
+    threads: 1
+    shell:
+        "varkd cluster-codebook {input.config} --threads {threads} > {log} 2>&1"

@@ -26,6 +26,21 @@ rule cache_teacher_logits:
         "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
 
 
+rule teacher_pool:
+    """Teacher samples drawn once per teacher and rollout settings, with their logits (SeqKD, DistiLLM-2)."""
+    priority: 10
+    input:
+        unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
+    output:
+        "results/{study}/{backbone}/teacher/{pool}/pool.npz",
+        "results/{study}/{backbone}/teacher/{pool}/logits.npy",
+    log:
+        "results/logs/{study}/{backbone}/teacher/{pool}.log",
+    threads: 1
+    shell:
+        "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+
+
 rule train_student:
     input:
         unpack(job("results/{study}/{backbone}/{method}/seed{seed}/config.yaml")),
