@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's varkd, not another installed tree
 from varkd.checkpoints import load_gpt
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import cfg_logits, filter_logits, generate
