@@ -73,6 +73,18 @@ def sample(
     return sample_from_logits(filter_logits(logits, temperature, top_k, top_p), generator)
 
 
+def decoding_labels(model, cond_idx: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, int]:
+    """The labels of one decoding batch on the model's device, and B: [cond; null] (2B rows) if cfg_scale != 1."""
+    cfg = model.config
+    cond_idx = torch.as_tensor(cond_idx, dtype=torch.long, device=model.tok_embeddings.weight.device).reshape(-1)
+    B = cond_idx.shape[0]
+    if cfg_scale == 1.0:
+        return cond_idx, B
+    if model.cls_embedding.embedding_table.num_embeddings <= cfg.num_classes:
+        raise ValueError("cfg_scale != 1 needs the null-class row (class_dropout_prob > 0)")
+    return torch.cat([cond_idx, torch.full_like(cond_idx, cfg.num_classes)]), B
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -94,14 +106,8 @@ def generate(
     """
     cfg = model.config
     T = cfg.block_size
-    device = model.tok_embeddings.weight.device
-    cond_idx = torch.as_tensor(cond_idx, dtype=torch.long, device=device).reshape(-1)
-    B = cond_idx.shape[0]
-    guided = cfg_scale != 1.0
-    if guided:
-        if model.cls_embedding.embedding_table.num_embeddings <= cfg.num_classes:
-            raise ValueError("cfg_scale != 1 needs the null-class row (class_dropout_prob > 0)")
-        cond_idx = torch.cat([cond_idx, torch.full_like(cond_idx, cfg.num_classes)])
+    cond_idx, B = decoding_labels(model, cond_idx, cfg_scale)
+    device, guided = cond_idx.device, cfg_scale != 1.0
 
     def next_token(logits: torch.Tensor) -> torch.Tensor:  # logits [B or 2B, V] -> [B]
         if guided:

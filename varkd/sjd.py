@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from varkd.sampling import cfg_logits, filter_logits, sample_from_logits
+from varkd.sampling import cfg_logits, decoding_labels, filter_logits, sample_from_logits
 
 INITS = ("random", "repeat_horizon")
 
@@ -59,14 +59,8 @@ def generate_sjd(
         raise ValueError(f"window={window} must be >= 1")
     cfg = model.config
     T, V, g = cfg.block_size, cfg.vocab_size, math.isqrt(cfg.block_size)
-    device = model.tok_embeddings.weight.device
-    cond_idx = torch.as_tensor(cond_idx, dtype=torch.long, device=device).reshape(-1)
-    B = cond_idx.shape[0]
-    guided = cfg_scale != 1.0
-    if guided:
-        if model.cls_embedding.embedding_table.num_embeddings <= cfg.num_classes:
-            raise ValueError("cfg_scale != 1 needs the null-class row (class_dropout_prob > 0)")
-        cond_idx = torch.cat([cond_idx, torch.full_like(cond_idx, cfg.num_classes)])
+    cond_idx, B = decoding_labels(model, cond_idx, cfg_scale)
+    device, guided = cond_idx.device, cfg_scale != 1.0
 
     def target(logits: torch.Tensor) -> torch.Tensor:  # logits [B or 2B, L, V] -> p [B, L, V] float32
         if guided:
