@@ -58,8 +58,7 @@ def codes(tmp_path):
 
 def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
     kd = kd or MethodConfig(terms=[TermConfig(divergence=method)])
-    return TrainJob(study="t", backbone="tiny", method=method, seed=3, model=GPTConfig(**TINY), kd=kd,
-                    optim=OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, checkpoint_every=4,
-                                      log_every=1, precision="fp32"),
-                    codes_train=str(codes / "codes_train.npz"), codes_val=str(codes / "codes_val.npz"),
-                    out_dir=str(out), **kw)
+    kw = {"model": GPTConfig(**TINY), "optim": OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
+                                                           checkpoint_every=4, log_every=1, precision="fp32"), **kw}
+    return TrainJob(study="t", backbone="tiny", method=method, seed=3, kd=kd, codes_train=str(codes / "codes_train.npz"),
+                    codes_val=str(codes / "codes_val.npz"), out_dir=str(out), **kw)

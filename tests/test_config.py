@@ -221,3 +221,16 @@ def test_full_embedded_study_overrides_only_the_budget(capsys):
     default, full = yaml.safe_load(default_path.read_text()), yaml.safe_load(full_path.read_text())
     assert set(full) == {"study", "seeds", "student_optim"} and len(full["seeds"]) == 3
     assert full["student_optim"]["steps"] > default["student_optim"]["steps"]
+
+
+def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
+    study = Study.load(study_dict)
+    for backbone in study_dict["backbones"]:
+        init = study.jobs[f"results/embedded/{backbone}/student_init/config.yaml"]
+        assert init.kd.terms[0].divergence == "ce" and init.model == study.backbones[backbone].student
+        run = study.jobs[f"results/embedded/{backbone}/fkl/seed0/config.yaml"]
+        assert run.init == f"results/embedded/{backbone}/student_init/student.pt" and run.init in run.inputs()
+    assert f"results/embedded/tiny/student_init/metrics.json" in study.metrics_files(["ce"])  # a reference row
+    scratch = Study.load({**study_dict, "student_pretrain": None})
+    assert scratch.jobs["results/embedded/tiny/fkl/seed0/config.yaml"].init is None
+    assert not any("student_init" in path for path in scratch.jobs)

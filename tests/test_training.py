@@ -148,3 +148,16 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     torch.save(state, tmp_path / "renamed.pt")
     with pytest.raises(ValueError, match=r"missing keys \['norm.weight'\].*unexpected keys \['norm.weights'\]"):
         load_gpt(tmp_path / "renamed.pt")
+
+
+def test_run_starts_from_the_init_checkpoint(codes, tmp_path):
+    init = distill.train_gpt(job(codes, tmp_path / "init", steps=4))
+    tuned = distill.train_gpt(job(codes, tmp_path / "tuned", steps=1, init=str(init),
+                                  optim=OptimConfig(steps=1, batch_size=8, lr=1e-9, warmup_steps=0,
+                                                    precision="fp32")))
+    start, end = load_gpt(init).state_dict(), load_gpt(tuned).state_dict()
+    for key in start:  # one step at lr 1e-9: the run began at the init's weights
+        torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0), key
+    wide = distill.train_gpt(job(codes, tmp_path / "wide", steps=1, model=GPTConfig(**{**TINY, "dim": 64})))
+    with pytest.raises(ValueError, match="student init .*wide.* has config"):
+        distill.train_gpt(job(codes, tmp_path / "bad", steps=1, init=str(wide)))

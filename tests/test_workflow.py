@@ -23,6 +23,7 @@ MINIATURE = {
     "backbones": ["tiny"],
     "seeds": [0],
     "student_optim": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
+    "student_pretrain": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
     "sample": {"num_samples": 20, "batch_size": 20},
     "evaluate": {"isc_splits": 2},
 }
@@ -90,10 +91,10 @@ def test_miniature_study_end_to_end(presets):
     snakemake(workdir, "all")
     root = workdir / "results" / "embedded"
     table = pd.read_csv(root / "tables" / "main.csv")
-    assert list(table["method"]) == ["real", "teacher"] + study["methods"]
+    assert list(table["method"]) == ["real", "teacher", "student_init"] + study["methods"]
     assert {"backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "val_nll"} <= set(table.columns)
     assert table[["fid", "isc_mean", "precision", "recall"]].notna().all().all()
-    for run in ("tiny/teacher", "tiny/ce/seed0", "tiny/fkl/seed0"):
+    for run in ("tiny/teacher", "tiny/student_init", "tiny/ce/seed0", "tiny/fkl/seed0"):
         for name in ("config.yaml", "train_log.csv", "samples.npz", "grid.png", "metrics.json"):
             assert (root / run / name).is_file(), f"{run}/{name}"
         metrics = json.loads((root / run / "metrics.json").read_text())
@@ -117,7 +118,7 @@ def test_miniature_study_end_to_end(presets):
     # setting, one codebook clustering per k, on-policy methods sample with the student, ...)
     snakemake(workdir, "all_ablations")
     table = pd.read_csv(root / "tables" / "baselines.csv")
-    assert list(table["method"]) == ["real", "teacher"] + study["baselines"]
+    assert list(table["method"]) == ["real", "teacher", "student_init"] + study["baselines"]
     assert table["fid"].notna().all() and table["val_nll"][1:].notna().all()  # real images have no NLL
     runs = table.set_index("method")
     assert (runs.loc[["imitkd", "onpolicy_rkl", "distillm2"], "train_rollouts"] > 0).all()
@@ -125,7 +126,7 @@ def test_miniature_study_end_to_end(presets):
     assert runs.loc["seqkd", "train_teacher_forwards"] == 0 and runs.loc["seqkd", "train_rollouts"] == 0  # pool
     ablations = pd.read_csv(root / "tables" / "ablations.csv").set_index("method")
     sweeps = [f"varkd-{s['name']}{v}" for s in study["sweeps"] for v in s["values"]]
-    assert list(ablations.index) == ["real", "teacher"] + study["ablations"] + sweeps
+    assert list(ablations.index) == ["real", "teacher", "student_init"] + study["ablations"] + sweeps
     assert ablations["fid"].notna().all()
     # SJD and AR rollouts decode the same number of tokens; SJD needs fewer sequential steps per rollout
     sjd, ar = ablations.loc["varkd"], ablations.loc["varkd_ar_rollouts"]

@@ -353,6 +353,10 @@ class StudyConfig:
     sweeps: list[SweepConfig] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     student_optim: OptimConfig = field(default_factory=OptimConfig)
+    # CE training of each backbone's student, once; every method starts from it (None: from scratch). On-policy
+    # KD assumes a supervised student (GKD, DistiLLM, MiniLLM fine-tune an SFT model; paper-scale students are
+    # pretrained checkpoints): from scratch, its first rollouts are noise the teacher cannot correct.
+    student_pretrain: Optional[OptimConfig] = None
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -363,8 +367,9 @@ class StudyConfig:
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key} has duplicates: {values}")
-        if "teacher" in self.methods + self.baselines + self.ablations:
-            raise ConfigError("'teacher' is reserved for the teacher runs; it cannot be a method name")
+        for reserved in ("teacher", "student_init"):
+            if reserved in self.methods + self.baselines + self.ablations:
+                raise ConfigError(f"{reserved!r} is reserved for the backbone's own runs; it cannot be a method name")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,13 +434,14 @@ class TrainJob:
     teacher: Optional[str] = None  # teacher checkpoint, for methods that sample from it or score samples
     teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
     teacher_pool: Optional[str] = None  # folder of pool.npz + logits.npy: teacher samples drawn once (TeacherPoolJob)
+    init: Optional[str] = None  # checkpoint whose weights start the run (the backbone's pretrained student)
     clusters: Optional[str] = None  # codebook cluster assignment (.npy) for terms with cluster_weight > 0
     out_dir: str = "???"
     checkpoint_name: str = "student.pt"
 
     def inputs(self) -> list[str]:
         pool = [f"{self.teacher_pool}/pool.npz", f"{self.teacher_pool}/logits.npy"] if self.teacher_pool else []
-        files = (self.codes_train, self.codes_val, self.teacher, self.teacher_logits, self.clusters)
+        files = (self.codes_train, self.codes_val, self.teacher, self.teacher_logits, self.init, self.clusters)
         return [p for p in files if p] + pool
 
 

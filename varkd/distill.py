@@ -141,6 +141,11 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     codes, labels = load_codes(job.codes_train)
     val_codes, val_labels = load_codes(job.codes_val)
     model = GPT(job.model).to(device)
+    if job.init:  # a resumed run then loads its own checkpoint over these weights
+        init = load_gpt(job.init, "student init checkpoint")
+        if init.config != model.config:
+            raise ValueError(f"student init {job.init} has config {init.config}, the run's model {model.config}")
+        model.load_state_dict(init.state_dict())
     check_codes(codes, labels, model, job.codes_train)
     check_codes(val_codes, val_labels, model, job.codes_val)
     kd = job.kd

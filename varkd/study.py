@@ -79,6 +79,9 @@ class Study:
         self._add_data_jobs()
         for backbone in self.teacher_owners:
             self._add_teacher_jobs(backbone)
+        if self.cfg.student_pretrain is not None:
+            for backbone in self.cfg.backbones:
+                self._add_student_init_jobs(backbone)
         for run in self.runs():
             self._add_student_jobs(run)
 
@@ -200,11 +203,12 @@ class Study:
                 if b in sweeps.get(m, self.cfg.backbones)]
 
     def metrics_files(self, methods: list[str] | None = None) -> list[str]:
-        """Every metrics.json a table needs: the real-vs-real floor, each teacher, then the runs."""
+        """Every metrics.json a table needs: the real-vs-real floor, each teacher and student init, the runs."""
         runs = self.runs(methods)
+        inits = [self.path(b, "student_init", "metrics.json") for b in self.cfg.backbones if self.student_init(b)]
         return ([self.path("real", "metrics.json")]
                 + [f"{self.teacher_dir(b)}/metrics.json" for b in self.teacher_owners]
-                + [f"{self.run_dir(r)}/metrics.json" for r in runs])
+                + inits + [f"{self.run_dir(r)}/metrics.json" for r in runs])
 
     def job_text(self, path: str) -> str:
         if path not in self.jobs:
@@ -250,6 +254,22 @@ class Study:
         self._add_generation_jobs(tdir, f"{tdir}/teacher.pt",
                                   {"backbone": backbone, "method": "teacher", "seed": bb.teacher_seed}, bb.teacher_seed)
 
+    def student_init(self, backbone: str) -> str | None:
+        """The pretrained student every method of the backbone starts from (None: from scratch)."""
+        if self.cfg.student_pretrain is None:
+            return None
+        return self.path(backbone, "student_init", "student.pt")
+
+    def _add_student_init_jobs(self, backbone: str) -> None:
+        bb, sdir = self.backbones[backbone], self.path(backbone, "student_init")
+        self.jobs[f"{sdir}/config.yaml"] = TrainJob(
+            study=self.name, backbone=backbone, method="student_init", seed=bb.teacher_seed, model=bb.student,
+            kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=self.cfg.student_pretrain,
+            codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=sdir)
+        self._add_generation_jobs(sdir, f"{sdir}/student.pt",
+                                  {"backbone": backbone, "method": "student_init", "seed": bb.teacher_seed},
+                                  bb.teacher_seed)
+
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
         pool, clusters = None, None
@@ -268,6 +288,6 @@ class Study:
             codes_train=self.codes("train"), codes_val=self.codes("val"),
             teacher=f"{tdir}/teacher.pt" if method.needs_live_teacher else None,
             teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits else None,
-            teacher_pool=pool, clusters=clusters, out_dir=rdir)
+            teacher_pool=pool, init=self.student_init(run.backbone), clusters=clusters, out_dir=rdir)
         self._add_generation_jobs(rdir, f"{rdir}/student.pt",
                                   {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed)

@@ -21,7 +21,7 @@ wildcard_constraints:
     backbone=r"[^/]+",
     method=r"[^/]+",
     seed=r"\d+",
-    rundir=r"[^/]+/(teacher|[^/]+/seed\d+)",
+    rundir=r"[^/]+/(teacher|student_init|[^/]+/seed\d+)",
     table=r"main|baselines|ablations",
     pool=r"pool_[0-9a-f]+",
     k=r"\d+",

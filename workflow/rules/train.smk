@@ -41,6 +41,20 @@ rule teacher_pool:
         "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
 
 
+rule pretrain_student:
+    """The backbone's student trained with CE once: the weights every method starts from."""
+    priority: 10
+    input:
+        unpack(job("results/{study}/{backbone}/student_init/config.yaml")),
+    output:
+        "results/{study}/{backbone}/student_init/student.pt",
+    log:
+        "results/logs/{study}/{backbone}/student_init/train.log",
+    threads: 1
+    shell:
+        "varkd train {input.config} --threads {threads} > {log} 2>&1"
+
+
 rule train_student:
     input:
         unpack(job("results/{study}/{backbone}/{method}/seed{seed}/config.yaml")),
