@@ -125,6 +125,11 @@ def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
     assert pools[("tiny", "seqkd", 0)].startswith("results/embedded/tiny/teacher/pool_")
     pool_job = study.jobs[f"{pools[('tiny', 'seqkd_cold', 0)]}/config.yaml"]
     assert pool_job.rollout.temperature == 0.5 and pool_job.teacher == "results/embedded/tiny/teacher/teacher.pt"
+    (presets / "methods" / "seqkd_sjd.yaml").write_text(  # the student's sampler does not change the pool
+        "base: seqkd\nset: {rollout.sampler: sjd, rollout.window: 2}\n")
+    study = Study.load({**study_dict, "methods": ["seqkd", "seqkd_sjd"]})
+    assert (study.jobs["results/embedded/tiny/seqkd/seed0/config.yaml"].teacher_pool
+            == study.jobs["results/embedded/tiny/seqkd_sjd/seed0/config.yaml"].teacher_pool)
 
 
 def test_backbones_can_share_a_teacher(study_dict, presets):

@@ -278,9 +278,13 @@ class Study:
             self.jobs[self.path("data", "clusters", f"k{method.clusters}.yaml")] = ClusterJob(
                 tokenizer=self.tokenizer, num_clusters=method.clusters, out=clusters)
         if method.uses_teacher_pool:
-            pool = self.teacher_pool_dir(run.backbone, method.rollout)
+            # only what shapes the teacher's samples keys the pool (not the student's sampler or window)
+            r = method.rollout
+            rollout = RolloutConfig(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                    null_fraction=r.null_fraction, teacher_pool=True)
+            pool = self.teacher_pool_dir(run.backbone, rollout)
             self.jobs[f"{pool}/config.yaml"] = TeacherPoolJob(
-                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=method.rollout,
+                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=rollout,
                 seed=self.backbones[run.backbone].teacher_seed, out_dir=pool)
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
