@@ -5,10 +5,10 @@ CORES ?= 2
 
 .PHONY: study test
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml workflow/executor/pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' ./workflow/executor
 	touch $@
 
 # The embedded study end to end: data, tokenizer, metric classifier, teachers, students, metrics, tables.

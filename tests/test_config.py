@@ -39,6 +39,8 @@ def test_job_yaml_round_trip(study_dict, tmp_path):
     (lambda d: d["data"].update(image_size=64), "block_size=64 != 16x16"),
     (lambda d: d["sample"].update(num_samples=1001), "num_samples=1001"),
     (lambda d: d.update(seeds=[0, 0]), "seeds has duplicates"),
+    (lambda d: d.update(resources={"train_student": {"gpus": 1}}), "resources.train_student.gpus"),
+    (lambda d: d.update(resources={"train_student": {"runtime": 0}}), "runtime must be > 0"),
 ])
 def test_bad_study_config_names_the_key(study_dict, edit, message):
     edit(study_dict)
@@ -219,12 +221,12 @@ def test_hard_label_terms_take_no_weighting():
 
 
 def test_full_embedded_study_overrides_only_the_budget(capsys):
-    """config/embedded-full.yaml: the default study with 3 seeds and a larger budget, merged key by key."""
+    """config/embedded-full.yaml: the default methods on one backbone with 3 seeds and a larger budget."""
     default_path, full_path = REPO / "config" / "config.yaml", REPO / "config" / "embedded-full.yaml"
     assert cli(["check-config", str(default_path), str(full_path)]) == 0
-    assert "study 'embedded-full': 108 runs" in capsys.readouterr().out
+    assert "study 'embedded-full': 45 runs" in capsys.readouterr().out  # 9 baselines + 6 VarKD presets, x 3 seeds
     default, full = yaml.safe_load(default_path.read_text()), yaml.safe_load(full_path.read_text())
-    assert set(full) == {"study", "seeds", "student_optim"} and len(full["seeds"]) == 3
+    assert set(full) == {"study", "backbones", "sweeps", "seeds", "student_optim"} and len(full["seeds"]) == 3
     assert full["student_optim"]["steps"] > default["student_optim"]["steps"]
 
 
@@ -239,3 +241,11 @@ def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
     scratch = Study.load({**study_dict, "student_pretrain": None})
     assert scratch.jobs["results/embedded/tiny/fkl/seed0/config.yaml"].init is None
     assert not any("student_init" in path for path in scratch.jobs)
+
+
+def test_resources_of_an_unknown_rule_fail(study_dict):
+    study_dict["resources"] = {"train_studnet": {"gpu": 1}, "sample": {"gpu": 1, "runtime": 30}}
+    study = Study.load(study_dict)
+    assert study.resources("sample").gpu == 1 and study.resources("evaluate").gpu == 0  # defaults elsewhere
+    with pytest.raises(ConfigError, match="train_studnet"):
+        study.check_resource_rules(["train_student", "sample", "evaluate"])

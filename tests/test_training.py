@@ -1,5 +1,7 @@
 """The training loop and the GPT trainer: schedule, data order, exact resume, teacher logits, NaN guard."""
 import csv
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from varkd import distill, sources
 from varkd.checkpoints import load_gpt, save_model
 from varkd.config import OptimConfig, TeacherLogitsJob
-from varkd.loop import BatchOrder, lr_at, train
+from varkd.loop import BatchOrder, Interrupted, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
 
 from tests.conftest import TINY, job
@@ -56,6 +58,30 @@ def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, mon
     assert [r["step"] for r in rows[1]] == [str(s) for s in range(1, 13)]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
     assert not (tmp_path / "b" / "checkpoint.pt").exists()  # removed once the final weights exist
+
+
+def test_sigterm_checkpoints_the_finished_step_and_a_rerun_resumes_exactly(codes, tmp_path, monkeypatch):
+    """What a SLURM time limit or preemption does to a training job: SIGTERM, then a requeued rerun."""
+    straight = distill.train_gpt(job(codes, tmp_path / "a"))
+    handler = signal.getsignal(signal.SIGTERM)
+    real_drop, calls = sources.drop_labels, {"n": 0}
+
+    def sigterm_in_step_6(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_drop(*args)
+
+    monkeypatch.setattr(sources, "drop_labels", sigterm_in_step_6)
+    with pytest.raises(Interrupted, match="step 6 of 12"):
+        distill.train_gpt(job(codes, tmp_path / "b"))
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6  # not 4: no step lost
+    monkeypatch.setattr(sources, "drop_labels", real_drop)
+    resumed = distill.train_gpt(job(codes, tmp_path / "b"))
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_checkpoint_of_another_config_is_not_resumed(codes, tmp_path, capsys):

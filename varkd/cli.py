@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 
 from varkd import config as C
 from varkd import clusters, distill, jobs
+from varkd.loop import Interrupted
 
 
 COMMANDS: dict[str, tuple[type, Callable]] = {
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except (C.ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as err:
         print(f"varkd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"varkd {args.command}: {stop}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -338,6 +338,21 @@ class SweepConfig:
 
 
 @dataclass
+class ResourceConfig:
+    """What one job of a workflow rule asks a cluster for; the submitit executor maps it to sbatch options."""
+
+    gpu: int = 0  # GPUs on one node (SLURM --gpus-per-node, or --gres with a GPU type)
+    cpus: int = 1  # the rule's threads and SLURM --cpus-per-task
+    mem_mb: int = 4000
+    runtime: int = 60  # minutes: the SLURM time limit; a training job past it is requeued and resumes
+
+    def __post_init__(self):
+        _check_positive(self, "cpus", "mem_mb", "runtime")
+        if self.gpu < 0:
+            raise ConfigError(f"gpu must be >= 0, got {self.gpu}")
+
+
+@dataclass
 class StudyConfig:
     """One study: the dataset, tokenizer, metric, and the backbone x method x seed grid."""
 
@@ -359,6 +374,8 @@ class StudyConfig:
     student_pretrain: Optional[OptimConfig] = None
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Per workflow rule (its name as in workflow/rules/*.smk); rules not listed get ResourceConfig's defaults.
+    resources: dict[str, ResourceConfig] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.backbones or not self.methods or not self.seeds:

@@ -10,6 +10,8 @@ import contextlib
 import csv
 import hashlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,6 +25,24 @@ from varkd.io import atomic_torch_save, load_checkpoint
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[], dict[str, float]]
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM (a SLURM time limit, preemption or scancel) after writing its checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Record SIGTERM instead of dying mid-step, so that the loop checkpoints the step before it exits."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class BatchOrder:
@@ -144,7 +164,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: st
 
     model.train()
     start, logs = time.perf_counter() - elapsed, {}
-    with tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=2.0, dynamic_ncols=True) as bar:
+    with stop_requests() as stop, tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=2.0,
+                                        dynamic_ncols=True) as bar:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -172,6 +193,10 @@ def train(model: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: st
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint()
+            if stop and step < cfg.steps:
+                save_checkpoint()
+                raise Interrupted(f"[{desc}] stopped by SIGTERM at step {step} of {cfg.steps}; {ckpt_path} holds "
+                                  "that step and a rerun resumes from it")
     save_checkpoint()  # the caller's final file may fail to write: keep a resumable state until it exists
     final = eval_fn() if eval_fn is not None else {}
     return {"steps": step, "wall_s": round(elapsed, 2), **{f"final_{k}": v for k, v in logs.items()}, **final}

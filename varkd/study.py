@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
+from varkd.config import (BackboneConfig, ResourceConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
                           PrepareDataJob, RolloutConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
                           TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
 
@@ -140,6 +140,16 @@ class Study:
     @property
     def name(self) -> str:
         return self.cfg.study
+
+    def resources(self, rule: str) -> ResourceConfig:
+        """What each job of a workflow rule asks a cluster for: the study's `resources.<rule>`, else the defaults."""
+        return self.cfg.resources.get(rule, ResourceConfig())
+
+    def check_resource_rules(self, rules: list[str]) -> None:
+        """A misspelt rule name under `resources` would silently keep the defaults: fail instead."""
+        unknown = sorted(set(self.cfg.resources) - set(rules))
+        if unknown:
+            raise ConfigError(f"resources: no workflow rule named {unknown}; the rules are {sorted(rules)}")
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))

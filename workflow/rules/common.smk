@@ -35,3 +35,9 @@ def job(config_path):
         return {"config": path, "reads": STUDY.jobs[path].inputs()}
 
     return inputs
+
+
+def cluster_resources(rule):
+    """The rule's Snakemake resources from the study's `resources` section (its cpus are the rule's threads)."""
+    r = STUDY.resources(rule)
+    return {"gpu": r.gpu, "mem_mb": r.mem_mb, "runtime": r.runtime}

@@ -16,6 +16,9 @@ rule prepare_data:
         "results/{study}/data/images.npz",
     log:
         "results/logs/{study}/prepare_data.log",
+    threads: STUDY.resources("prepare_data").cpus
+    resources:
+        **cluster_resources("prepare_data"),
     shell:
         "varkd prepare-data {input.config} > {log} 2>&1"
 
@@ -27,7 +30,9 @@ rule train_tokenizer:
         "results/{study}/data/tokenizer/tokenizer.pt",
     log:
         "results/logs/{study}/train_tokenizer.log",
-    threads: 1
+    threads: STUDY.resources("train_tokenizer").cpus
+    resources:
+        **cluster_resources("train_tokenizer"),
     shell:
         "varkd train-tokenizer {input.config} --threads {threads} > {log} 2>&1"
 
@@ -40,7 +45,9 @@ rule extract_codes:
         "results/{study}/data/codes/codes_val.npz",
     log:
         "results/logs/{study}/extract_codes.log",
-    threads: 1
+    threads: STUDY.resources("extract_codes").cpus
+    resources:
+        **cluster_resources("extract_codes"),
     shell:
         "varkd extract-codes {input.config} --threads {threads} > {log} 2>&1"
 
@@ -52,7 +59,9 @@ rule train_classifier:
         "results/{study}/data/classifier/classifier.pt",
     log:
         "results/logs/{study}/train_classifier.log",
-    threads: 1
+    threads: STUDY.resources("train_classifier").cpus
+    resources:
+        **cluster_resources("train_classifier"),
     shell:
         "varkd train-classifier {input.config} --threads {threads} > {log} 2>&1"
 
@@ -65,6 +74,8 @@ rule cluster_codebook:
         "results/{study}/data/clusters/k{k}.npy",
     log:
         "results/logs/{study}/cluster_codebook_k{k}.log",
-    threads: 1
+    threads: STUDY.resources("cluster_codebook").cpus
+    resources:
+        **cluster_resources("cluster_codebook"),
     shell:
         "varkd cluster-codebook {input.config} --threads {threads} > {log} 2>&1"

@@ -7,7 +7,9 @@ rule sample:
         "results/{study}/{rundir}/grid.png",
     log:
         "results/logs/{study}/{rundir}/sample.log",
-    threads: 1
+    threads: STUDY.resources("sample").cpus
+    resources:
+        **cluster_resources("sample"),
     shell:
         "varkd sample {input.config} --threads {threads} > {log} 2>&1"
 
@@ -20,7 +22,9 @@ rule evaluate:
         "results/{study}/{rundir}/metrics.json",
     log:
         "results/logs/{study}/{rundir}/evaluate.log",
-    threads: 1
+    threads: STUDY.resources("evaluate").cpus
+    resources:
+        **cluster_resources("evaluate"),
     shell:
         "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"
 
@@ -33,6 +37,8 @@ rule evaluate_real:
         "results/{study}/real/metrics.json",
     log:
         "results/logs/{study}/real/evaluate.log",
-    threads: 1
+    threads: STUDY.resources("evaluate_real").cpus
+    resources:
+        **cluster_resources("evaluate_real"),
     shell:
         "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"

@@ -7,7 +7,9 @@ rule train_teacher:
         "results/{study}/{backbone}/teacher/teacher.pt",
     log:
         "results/logs/{study}/{backbone}/teacher/train.log",
-    threads: 1
+    threads: STUDY.resources("train_teacher").cpus
+    resources:
+        **cluster_resources("train_teacher"),
     shell:
         "varkd train {input.config} --threads {threads} > {log} 2>&1"
 
@@ -21,7 +23,9 @@ rule cache_teacher_logits:
         "results/{study}/{backbone}/teacher/logits_train.npy",
     log:
         "results/logs/{study}/{backbone}/teacher/logits.log",
-    threads: 1
+    threads: STUDY.resources("cache_teacher_logits").cpus
+    resources:
+        **cluster_resources("cache_teacher_logits"),
     shell:
         "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
 
@@ -36,7 +40,9 @@ rule teacher_pool:
         "results/{study}/{backbone}/teacher/{pool}/logits.npy",
     log:
         "results/logs/{study}/{backbone}/teacher/{pool}.log",
-    threads: 1
+    threads: STUDY.resources("teacher_pool").cpus
+    resources:
+        **cluster_resources("teacher_pool"),
     shell:
         "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
 
@@ -50,7 +56,9 @@ rule pretrain_student:
         "results/{study}/{backbone}/student_init/student.pt",
     log:
         "results/logs/{study}/{backbone}/student_init/train.log",
-    threads: 1
+    threads: STUDY.resources("pretrain_student").cpus
+    resources:
+        **cluster_resources("pretrain_student"),
     shell:
         "varkd train {input.config} --threads {threads} > {log} 2>&1"
 
@@ -62,6 +70,8 @@ rule train_student:
         "results/{study}/{backbone}/{method}/seed{seed}/student.pt",
     log:
         "results/logs/{study}/{backbone}/{method}/seed{seed}/train.log",
-    threads: 1
+    threads: STUDY.resources("train_student").cpus
+    resources:
+        **cluster_resources("train_student"),
     shell:
         "varkd train {input.config} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,129 @@
+"""`snakemake --profile slurm` on a real SLURM: every job through sbatch, a forced requeue, Ctrl-C cancelling.
+
+Needs a SLURM with accounting. VARKD_TEST_SLURM=local starts a single-node one with .ci/local-slurm.sh (root on
+Debian; CI does this) and stops it afterwards; VARKD_TEST_SLURM=cluster uses the SLURM this machine submits to
+(its default partition, or SNAKEMAKE_SUBMITIT_PARTITION). Otherwise these tests are skipped.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.test_workflow import MINI_BACKBONE, MINIATURE, merge, snakemake
+
+pytestmark = pytest.mark.slow
+
+# The teacher trains long enough (a few seconds) to be caught mid-run and requeued.
+TEACHER = {"teacher_optim": {"steps": 600, "checkpoint_every": 100, "log_every": 100}}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    mode = os.environ.get("VARKD_TEST_SLURM")
+    script = ["bash", str(REPO / ".ci" / "local-slurm.sh")]
+    if mode == "local":
+        subprocess.run([*script, "start"], check=True, timeout=900)
+        try:
+            yield
+        finally:
+            subprocess.run([*script, "stop"], check=True, timeout=120)
+    elif mode == "cluster":
+        yield
+    else:
+        pytest.skip("no SLURM: set VARKD_TEST_SLURM=local (root on Debian: starts one here) or =cluster")
+
+
+def miniature(presets: Path) -> Path:
+    study = presets / "config.yaml"
+    study.write_text(yaml.safe_dump(merge(yaml.safe_load(study.read_text()), MINIATURE)))
+    backbone = presets / "backbones" / "tiny.yaml"
+    backbone.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(backbone.read_text()), MINI_BACKBONE), TEACHER)))
+    return presets.parent
+
+
+def slurm_snakemake(workdir: Path, *args: str) -> subprocess.Popen:
+    """`snakemake --profile slurm` as a user types it in the repository root (the profile is ./slurm)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "slurm", "--directory", str(workdir),
+           "--seconds-between-status-checks", "2", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def our_jobs(workdir: Path) -> list[dict]:
+    """SLURM's view (sacct) of the jobs submitted for this workdir, by the submitit folders they log to."""
+    ids = sorted({p.name.split("_")[0] for p in (workdir / "results" / "logs" / "slurm").rglob("*_submitted.pkl")})
+    if not ids:
+        return []
+    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID,JobName,State",
+                          *[f"--jobs={i}" for i in ids]], capture_output=True, text=True, check=True).stdout
+    return [dict(zip(("id", "name", "state"), line.split("|"))) for line in out.splitlines()]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_study_on_slurm_with_a_requeued_training_job(slurm, presets, tmp_path):
+    workdir = miniature(presets)
+    run = slurm_snakemake(workdir, "all")
+    teacher = workdir / "results" / "embedded" / "tiny" / "teacher"
+    wait_for(lambda: (teacher / "checkpoint.pt").exists() or run.poll() is not None, 600, "the teacher's checkpoint")
+    (job,) = [j for j in our_jobs(workdir) if j["name"] == "smk-train_teacher"]
+    subprocess.run(["scancel", "--signal=USR2", job["id"]], check=True)  # what SLURM sends before a time limit
+    out, _ = run.communicate(timeout=1200)
+    assert run.returncode == 0, out[-5000:]
+
+    log = (workdir / "results" / "logs" / "embedded" / "tiny" / "teacher" / "train.log").read_text()
+    assert "resuming from" in log, log[-2000:]
+    submitit_logs = "".join(p.read_text() for p in (workdir / "results" / "logs" / "slurm" / "train_teacher")
+                            .rglob("*_log.*"))
+    assert "Requeued job" in submitit_logs
+    steps = [int(r.split(",")[0]) for r in (teacher / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(100, 601, 100))  # one row per logged step: nothing lost, nothing repeated
+
+    # every job but the local ones (resolve_config, aggregate) went through sbatch and completed
+    jobs = our_jobs(workdir)
+    assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    submitted = sorted(j["name"].removeprefix("smk-") for j in jobs)
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(workdir), "-n", "--forceall", "all",
+                          "--cores", "1"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    rules = [line.split()[1].rstrip(":") for line in dry.splitlines() if line.startswith("rule ")]
+    assert submitted == sorted(r for r in rules if r not in ("all", "resolve_config", "aggregate"))  # local rules
+
+    # the same outputs as a local run of the same study
+    local = Path(shutil.copytree(presets, tmp_path / "local" / "config")).parent
+    snakemake(local, "all")
+    def outputs(root: Path) -> set:
+        return {str(p.relative_to(root)) for p in (root / "results" / "embedded").rglob("*") if p.is_file()}
+    assert outputs(workdir) == outputs(local)
+    table = json.loads((workdir / "results" / "embedded" / "tiny" / "fkl" / "seed0" / "metrics.json").read_text())
+    assert table["num_samples"] == MINIATURE["sample"]["num_samples"]
+
+
+def test_ctrl_c_cancels_the_submitted_jobs(slurm, presets):
+    workdir = miniature(presets)
+    run = slurm_snakemake(workdir, "results/embedded/tiny/teacher/teacher.pt")
+    wait_for(lambda: any(j["name"] == "smk-train_teacher" and j["state"] == "RUNNING" for j in our_jobs(workdir))
+             or run.poll() is not None, 600, "the teacher's job to run")
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole foreground process group
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode != 0
+    (job,) = [j for j in our_jobs(workdir) if j["name"] == "smk-train_teacher"]
+    wait_for(lambda: [j for j in our_jobs(workdir) if j["id"] == job["id"] and j["state"].startswith("CANCELLED")],
+             60, f"job {job['id']} to be cancelled")
+    assert "cancelled 1 submitit job" in out, out[-3000:]
