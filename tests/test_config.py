@@ -239,3 +239,14 @@ def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
     scratch = Study.load({**study_dict, "student_pretrain": None})
     assert scratch.jobs["results/embedded/tiny/fkl/seed0/config.yaml"].init is None
     assert not any("student_init" in path for path in scratch.jobs)
+
+
+def test_sweep_points_place_each_run_and_the_preset_on_the_axis(study_dict):
+    sweeps = [{"method": "varkd", "key": "clusters", "name": "k", "values": [4, 64], "backbones": ["tiny"]}]
+    study = Study.load({**study_dict, "ablations": ["varkd"], "sweeps": sweeps})
+    assert study.sweep_points(study.table_methods("ablations")) == [
+        {"sweep": "k", "backbone": "tiny", "method": m, "value": v} for m, v in (("varkd", 16), ("varkd-k4", 4),
+                                                                                  ("varkd-k64", 64))]
+    assert study.sweep_points(study.table_methods("main")) == []
+    with pytest.raises(ConfigError, match="sweep names \\['k', 'k'\\] repeat"):
+        Study.load({**study_dict, "sweeps": sweeps + [{**sweeps[0], "key": "rollout.window", "values": [8]}]})

@@ -3,11 +3,16 @@ localrules:
 
 
 rule aggregate:
-    """A target's metrics.json files -> tables/<table>.csv (one row per run), <table>.md (mean ± std over seeds)."""
+    """A table's metrics.json files -> tables/<table>.csv (one row per run), _summary.csv (over seeds), .md, .tex."""
     input:
         lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
     output:
         "results/{study}/tables/{table}.csv",
+        "results/{study}/tables/{table}_summary.csv",
         "results/{study}/tables/{table}.md",
+        "results/{study}/tables/{table}.tex",
+    params:
+        sweeps=lambda wc: json.dumps(STUDY.sweep_points(STUDY.table_methods(wc.table))),
     shell:
         "varkd aggregate {input} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
+        " --sweeps {params.sweeps:q}"
