@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from varkd.study import FIGURES
 
 MINIATURE = {
     "data": {"heldout_per_class": 10},
@@ -101,17 +102,19 @@ def test_miniature_study_end_to_end(presets):
         assert metrics["num_samples"] == 20 and metrics["feature_extractor"] == "varkd-classifier"
         assert metrics["provenance"]["torch"]
     assert not list(root.rglob("checkpoint.pt"))  # removed once each final model exists
+    assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
+        f"main_{figure}.{ext}" for figure in FIGURES for ext in ("png", "pdf"))
 
     assert jobs_to_run(workdir) == {}  # a second run does nothing
 
     (root / "tiny" / "ce" / "seed0" / "metrics.json").unlink()
-    assert jobs_to_run(workdir) == {"evaluate": 1, "aggregate": 1}
+    assert jobs_to_run(workdir) == {"evaluate": 1, "aggregate": 1, "plot": len(FIGURES)}
     snakemake(workdir, "all")
 
     fkl = presets / "methods" / "fkl.yaml"
     fkl.write_text(fkl.read_text().replace("temperature: 1.0", "temperature: 2.0"))
     assert jobs_to_run(workdir) == {"resolve_config": 1, "train_student": 1, "sample": 1, "evaluate": 1,
-                                    "aggregate": 1}
+                                    "aggregate": 1, "plot": len(FIGURES)}
     fkl.write_text(fkl.read_text().replace("temperature: 2.0", "temperature: 1.0"))
 
     # every baseline, VarKD ablation and sweep runs through the same rules (one teacher pool per rollout

@@ -18,6 +18,8 @@ from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, ConfigError
 
 RESULTS = "results"
 _MISSING = object()
+# every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
+FIGURES = ("metrics", "curves", "cost", "samples")
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,11 @@ class Study:
                            for b in sweep.backbones or self.cfg.backbones
                            for m, v in {sweep.method: own, **runs}.items()]
         return points
+
+    def figures(self, table: str) -> list[str]:
+        """A table's figures, PNG and PDF: plots/<table>_<figure>.{png,pdf}."""
+        names = FIGURES + (("sweeps",) if self.sweep_points(self.table_methods(table)) else ())
+        return [self.path("plots", f"{table}_{name}.{ext}") for name in names for ext in ("png", "pdf")]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
         """Runs of the given methods (default: every method of the study) on their backbones and every seed."""

@@ -1,5 +1,6 @@
 localrules:
     aggregate,
+    plot,
 
 
 rule aggregate:
@@ -16,3 +17,16 @@ rule aggregate:
     shell:
         "varkd aggregate {input} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
         " --sweeps {params.sweeps:q}"
+
+
+rule plot:
+    """A figure of a table (varkd/plots.py), PNG for the report and PDF for a paper."""
+    input:
+        "results/{study}/tables/{table}.csv",
+        "results/{study}/tables/{table}_summary.csv",
+    output:
+        "results/{study}/plots/{table}_{figure}.png",
+        "results/{study}/plots/{table}_{figure}.pdf",
+    shell:
+        "varkd plot {wildcards.figure} --results results/{wildcards.study} --table {wildcards.table}"
+        " --out results/{wildcards.study}/plots/{wildcards.table}_{wildcards.figure}"
