@@ -9,7 +9,12 @@ rule aggregate:
         lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
     output:
         "results/{study}/tables/{table}.csv",
-        "results/{study}/tables/{table}_summary.csv",
+        report(
+            "results/{study}/tables/{table}_summary.csv",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}"},
+        ),
         "results/{study}/tables/{table}.md",
         "results/{study}/tables/{table}.tex",
     params:
@@ -25,7 +30,13 @@ rule plot:
         "results/{study}/tables/{table}.csv",
         "results/{study}/tables/{table}_summary.csv",
     output:
-        "results/{study}/plots/{table}_{figure}.png",
+        report(
+            "results/{study}/plots/{table}_{figure}.png",
+            caption="../report/plot.rst",
+            category="Figures",
+            subcategory="{table}",
+            labels={"table": "{table}", "figure": "{figure}"},
+        ),
         "results/{study}/plots/{table}_{figure}.pdf",
     shell:
         "varkd plot {wildcards.figure} --results results/{wildcards.study} --table {wildcards.table}"
