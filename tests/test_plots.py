@@ -1,12 +1,14 @@
-"""Tables and figures of a hand-made results folder, through `varkd aggregate` and `varkd plot`."""
+"""Tables and figures of a hand-made results folder, through `varkd aggregate` and `varkd plot`, and the notebooks
+as stored (the end-to-end test in test_workflow.py executes them)."""
 import json
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import assert_summary_matches_metrics_files
+from tests.conftest import REPO, assert_summary_matches_metrics_files
 from varkd import cli, plots, study
 from varkd.io import atomic_save_npz
 
@@ -56,3 +58,13 @@ def test_aggregate_writes_every_table_file_and_plots_draw_every_figure(results):
 
 def test_the_study_lists_only_figures_that_exist():
     assert set(study.FIGURES) | {"sweeps"} == set(plots.FIGURES)
+
+
+@pytest.mark.parametrize("name", ["results", "samples"])
+def test_notebooks_are_stored_without_outputs_and_take_results_dir(name):
+    notebook = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
+    parameters = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert len(parameters) == 1 and 'results_dir = "results/embedded"' in parameters[0].source
