@@ -11,13 +11,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
-from varkd.tables import LABELS, METRICS, REFERENCES, Table
+from varkd.tables import METRICS, REFERENCES, Table, header
 
 REFERENCE_LINES = {"teacher": "--", "student_init": ":"}  # their runs as lines across the metric panels
-
-
-def _label(metric: str) -> str:
-    return f"{LABELS[metric]} {'↓' if METRICS[metric] == 'min' else '↑'}"
 
 
 def _palette(table: Table) -> dict[str, Any]:
@@ -42,7 +38,7 @@ def metrics(table: Table) -> plt.Figure:
     (dashed) and CE-pretrained student init (dotted) in its colour, real images (grey)."""
     runs, palette = table.compared, _palette(table)
     long = runs.melt(id_vars=["backbone", "method", "seed"], value_vars=_metrics(runs), var_name="metric")
-    long["metric"] = long["metric"].map(_label)
+    long["metric"] = long["metric"].map(header)
     grid = sns.catplot(long, x="method", y="value", hue="backbone", row="metric", kind="point", errorbar="sd",
                        palette=palette, dodge=0.3 if len(palette) > 1 else False,  # seaborn 0.13 fails on one level
                        linestyle="none", capsize=0.15, sharey=False, height=2.2,
@@ -51,7 +47,7 @@ def metrics(table: Table) -> plt.Figure:
     for row in references.itertuples():
         for metric in _metrics(runs):
             if pd.notna(getattr(row, metric)):
-                grid.axes_dict[_label(metric)].axhline(getattr(row, metric), linewidth=1, **_line(row, palette))
+                grid.axes_dict[header(metric)].axhline(getattr(row, metric), linewidth=1, **_line(row, palette))
     legend = {b: Line2D([], [], color=c, marker="o", linestyle="none") for b, c in palette.items()}
     legend.update({row.method if row.method == "real" else f"{row.backbone} / {row.method}":
                    Line2D([], [], **_line(row, palette))
@@ -77,7 +73,7 @@ def sweeps(table: Table) -> plt.Figure:
             sns.pointplot(points, x=name, y=metric, hue="backbone", palette=_palette(table), errorbar="sd",
                           capsize=0.15, ax=axes[i, j], legend=i == j == 0)
             axes[i, j].set(xlabel=name.removeprefix("sweep_") if i == len(shown) - 1 else "",
-                           ylabel=_label(metric) if j == 0 else "")
+                           ylabel=header(metric) if j == 0 else "")
     return fig
 
 
@@ -100,7 +96,7 @@ def cost(table: Table) -> plt.Figure:
     runs = table.compared
     long = runs.melt(id_vars=["backbone", "method", "seed", "train_wall_s"],
                      value_vars=[m for m in ("fid", "val_nll") if m in _metrics(runs)], var_name="metric")
-    long["metric"] = long["metric"].map(_label)
+    long["metric"] = long["metric"].map(header)
     grid = sns.relplot(long, x="train_wall_s", y="value", hue="method", style="backbone", col="metric",
                        s=60, height=3.2, facet_kws={"sharey": False})
     grid.set_titles("{col_name}").set_axis_labels("training wall time (s)", "")

@@ -78,7 +78,8 @@ def _cells(summary: pd.DataFrame, bold: Callable[[str], str], italic: Callable[[
     return shown
 
 
-def _header(column: str, down: str, up: str) -> str:
+def header(column: str, down: str = "↓", up: str = "↑") -> str:
+    """A column's label, with the better direction for a metric."""
     label = LABELS.get(column, column)
     return f"{label} {down if METRICS[column] == 'min' else up}" if column in METRICS else label
 
@@ -86,7 +87,7 @@ def _header(column: str, down: str, up: str) -> str:
 def markdown(summary: pd.DataFrame) -> str:
     """The table in Markdown (the .md file, the notebooks): mean ± std, best in bold, reference rows in italics."""
     shown = _cells(summary, lambda c: f"**{c}**", lambda m: f"*{m}*", " ± ")
-    return shown.rename(columns=lambda c: _header(c, "↓", "↑")).to_markdown(index=False)
+    return shown.rename(columns=header).to_markdown(index=False)
 
 
 _TEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
@@ -100,8 +101,8 @@ def latex(summary: pd.DataFrame) -> str:
     """A booktabs tabular (\\usepackage{booktabs}) to \\input in a table: a block per backbone, reference rows
     first and in italics, mean $\\pm$ std over seeds, each backbone's best compared method in bold."""
     shown = _cells(summary, lambda c: rf"\textbf{{{c}}}", lambda m: rf"\textit{{{m}}}", r" $\pm$ ", _tex)
-    header = ["$n$" if c == "n" else _header(c, r"$\downarrow$", r"$\uparrow$") for c in shown]
-    lines = [rf"\begin{{tabular}}{{ll{'r' * (shown.shape[1] - 2)}}}", r"\toprule", " & ".join(header) + r" \\"]
+    labels = ["$n$" if c == "n" else header(c, r"$\downarrow$", r"$\uparrow$") for c in shown]
+    lines = [rf"\begin{{tabular}}{{ll{'r' * (shown.shape[1] - 2)}}}", r"\toprule", " & ".join(labels) + r" \\"]
     previous = None
     for row in shown.itertuples(index=False):
         if row.backbone != previous:
