@@ -13,7 +13,9 @@ from matplotlib.lines import Line2D
 
 from varkd.tables import METRICS, REFERENCES, Table, header
 
-REFERENCE_LINES = {"teacher": "--", "student_init": ":"}  # their runs as lines across the metric panels
+# the teacher's and the init's runs as lines across the metric panels (not real images: far off the methods' range,
+# they would flatten the differences between methods; the tables have them)
+REFERENCE_LINES = {"teacher": "--", "student_init": ":"}
 
 
 def _palette(table: Table) -> dict[str, Any]:
@@ -26,16 +28,9 @@ def _metrics(frame: pd.DataFrame) -> list[str]:
     return [m for m in METRICS if m in frame and frame[m].notna().any()]
 
 
-def _line(reference: Any, palette: dict[str, Any]) -> dict[str, Any]:
-    """A reference run's line: grey for real images, else dashed (teacher) or dotted (init) in its backbone's colour."""
-    if reference.method == "real":
-        return {"color": "grey", "linestyle": "-"}
-    return {"color": palette.get(reference.backbone, "black"), "linestyle": REFERENCE_LINES[reference.method]}
-
-
 def metrics(table: Table) -> plt.Figure:
     """Each metric per method and backbone: mean and standard deviation over seeds. Lines: the backbone's teacher
-    (dashed) and CE-pretrained student init (dotted) in its colour, real images (grey)."""
+    (dashed) and CE-pretrained student init (dotted) in its colour."""
     runs, palette = table.compared, _palette(table)
     long = runs.melt(id_vars=["backbone", "method", "seed"], value_vars=_metrics(runs), var_name="metric")
     long["metric"] = long["metric"].map(header)
@@ -43,15 +38,12 @@ def metrics(table: Table) -> plt.Figure:
                        palette=palette, dodge=0.3 if len(palette) > 1 else False,  # seaborn 0.13 fails on one level
                        linestyle="none", capsize=0.15, sharey=False, height=2.2,
                        aspect=max(2.5, 0.45 * runs["method"].nunique()), legend=False)
-    references = table.runs[table.runs["method"].isin(REFERENCES)]
-    for row in references.itertuples():
-        for metric in _metrics(runs):
-            if pd.notna(getattr(row, metric)):
-                grid.axes_dict[header(metric)].axhline(getattr(row, metric), linewidth=1, **_line(row, palette))
     legend = {b: Line2D([], [], color=c, marker="o", linestyle="none") for b, c in palette.items()}
-    legend.update({row.method if row.method == "real" else f"{row.backbone} / {row.method}":
-                   Line2D([], [], **_line(row, palette))
-                   for row in references.itertuples()})
+    for row in table.runs[table.runs["method"].isin(REFERENCE_LINES)].itertuples():
+        style = {"color": palette.get(row.backbone, "black"), "linestyle": REFERENCE_LINES[row.method], "linewidth": 1}
+        for metric in _metrics(runs):
+            grid.axes_dict[header(metric)].axhline(getattr(row, metric), **style)
+        legend[f"{row.backbone} / {row.method}"] = Line2D([], [], **style)
     grid.add_legend(legend_data=legend)
     grid.set_titles("{row_name}").set_axis_labels("", "")
     grid.tick_params(axis="x", rotation=90)
