@@ -1,8 +1,10 @@
 """Shared fixtures: the repository's config folder and a copy of it that tests may edit."""
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -62,3 +64,20 @@ def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
                                                            checkpoint_every=4, log_every=1, precision="fp32"), **kw}
     return TrainJob(study="t", backbone="tiny", method=method, seed=3, kd=kd, codes_train=str(codes / "codes_train.npz"),
                     codes_val=str(codes / "codes_val.npz"), out_dir=str(out), **kw)
+
+
+def assert_summary_matches_metrics_files(results: Path, table: str) -> None:
+    """The table's summary holds, per (backbone, method), the count, mean and std over seeds of the metrics of the
+    metrics.json files under `results` with that identity, computed here straight from the files."""
+    summary = pd.read_csv(results / "tables" / f"{table}_summary.csv").set_index(["backbone", "method"])
+    files = pd.DataFrame([json.loads(p.read_text()) for p in results.rglob("metrics.json")])
+    groups = files[files.set_index(["backbone", "method"]).index.isin(summary.index)].groupby(["backbone", "method"])
+    assert len(groups) == len(summary)
+    for key, runs in groups:
+        row = summary.loc[key]
+        assert row["n"] == len(runs), key
+        for metric in ("fid", "isc_mean", "precision", "recall", "val_nll"):
+            values = runs[metric].to_numpy(float) if metric in runs else np.array([np.nan])
+            std = np.std(values, ddof=1) if len(values) > 1 else np.nan
+            assert np.allclose([row[f"{metric}_mean"], row[f"{metric}_std"]], [np.mean(values), std], equal_nan=True), \
+                (key, metric)

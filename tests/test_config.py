@@ -249,3 +249,17 @@ def test_resources_of_an_unknown_rule_fail(study_dict):
     assert study.resources("sample").gpu == 1 and study.resources("evaluate").gpu == 0  # defaults elsewhere
     with pytest.raises(ConfigError, match="train_studnet"):
         study.check_resource_rules(["train_student", "sample", "evaluate"])
+
+
+def test_sweep_points_place_each_run_and_the_preset_on_the_axis(study_dict):
+    sweeps = [{"method": "varkd", "key": "clusters", "name": "k", "values": [4, 64], "backbones": ["tiny"]}]
+    study = Study.load({**study_dict, "ablations": ["varkd"], "sweeps": sweeps})
+    assert study.sweep_points(study.table_methods("ablations")) == [
+        {"sweep": "k", "backbone": "tiny", "method": m, "value": v} for m, v in (("varkd", 16), ("varkd-k4", 4),
+                                                                                  ("varkd-k64", 64))]
+    assert study.sweep_points(study.table_methods("main")) == []
+    assert "results/embedded/plots/ablations_sweeps.pdf" in study.figures("ablations")
+    assert "results/embedded/plots/main_metrics.png" in study.figures("main")
+    assert not [f for f in study.figures("main") if "sweeps" in f]
+    with pytest.raises(ConfigError, match="sweep names \\['k', 'k'\\] repeat"):
+        Study.load({**study_dict, "sweeps": sweeps + [{**sweeps[0], "key": "rollout.window", "values": [8]}]})

@@ -21,7 +21,7 @@ from tests.test_workflow import MINI_BACKBONE, MINIATURE, merge, snakemake
 
 pytestmark = pytest.mark.slow
 
-LOCAL_RULES = {"all", "resolve_config", "aggregate"}
+LOCAL_RULES = {"all", "resolve_config", "aggregate", "plot"}
 # The teacher trains long enough (a few seconds) to be caught mid-run and requeued.
 TEACHER = {"teacher_optim": {"steps": 600, "checkpoint_every": 100, "log_every": 100}}
 

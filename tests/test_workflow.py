@@ -1,7 +1,8 @@
 """The Snakemake workflow: a dry run of the shipped study, and one real run of a miniature study.
 
 The miniature uses the same rules, CLI and code as the embedded study with tiny models and step counts, so it
-checks the wiring (every output appears, the table is filled) and the rerun rules, not the numbers.
+checks the wiring (every output appears, the table is filled), the rerun rules, the tables, figures, report and
+notebooks on its results, not the numbers.
 """
 import json
 import os
@@ -9,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 import yaml
+from nbclient import NotebookClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_summary_matches_metrics_files
+from varkd.study import FIGURES
 
 MINIATURE = {
     "data": {"heldout_per_class": 10},
@@ -54,6 +58,14 @@ def jobs_to_run(workdir: Path) -> dict[str, int]:
     table = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # after the header and the rule line
     counts = dict(line.split() for line in table)
     return {rule: int(n) for rule, n in counts.items() if rule not in ("all", "total")}
+
+
+def execute_notebook(path: Path, **parameters) -> None:
+    """Run a notebook (nbclient) with a cell after its parameters cell that sets `parameters`, as papermill does."""
+    notebook = nbformat.read(path, as_version=4)
+    at = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    notebook.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items())))
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
 
 
 def test_dry_run_of_the_embedded_study(presets):
@@ -101,17 +113,19 @@ def test_miniature_study_end_to_end(presets):
         assert metrics["num_samples"] == 20 and metrics["feature_extractor"] == "varkd-classifier"
         assert metrics["provenance"]["torch"]
     assert not list(root.rglob("checkpoint.pt"))  # removed once each final model exists
+    assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
+        f"main_{figure}.{ext}" for figure in FIGURES for ext in ("png", "pdf"))
 
     assert jobs_to_run(workdir) == {}  # a second run does nothing
 
     (root / "tiny" / "ce" / "seed0" / "metrics.json").unlink()
-    assert jobs_to_run(workdir) == {"evaluate": 1, "aggregate": 1}
+    assert jobs_to_run(workdir) == {"evaluate": 1, "aggregate": 1, "plot": len(FIGURES)}
     snakemake(workdir, "all")
 
     fkl = presets / "methods" / "fkl.yaml"
     fkl.write_text(fkl.read_text().replace("temperature: 1.0", "temperature: 2.0"))
     assert jobs_to_run(workdir) == {"resolve_config": 1, "train_student": 1, "sample": 1, "evaluate": 1,
-                                    "aggregate": 1}
+                                    "aggregate": 1, "plot": len(FIGURES)}
     fkl.write_text(fkl.read_text().replace("temperature: 2.0", "temperature: 1.0"))
 
     # every baseline, VarKD ablation and sweep runs through the same rules (one teacher pool per rollout
@@ -133,3 +147,23 @@ def test_miniature_study_end_to_end(presets):
     assert sjd["train_rollout_tokens"] == ar["train_rollout_tokens"]
     assert sjd["train_rollout_steps"] < ar["train_rollout_steps"]
     assert sorted(p.name for p in (root / "data" / "clusters").glob("*.npy")) == ["k16.npy", "k4.npy", "k64.npy"]
+
+    # what researchers read: tables, figures, the report, the notebooks
+    for name in ("main", "baselines", "ablations"):
+        assert_summary_matches_metrics_files(root, name)
+        tex = (root / "tables" / f"{name}.tex").read_text()
+        runs = pd.read_csv(root / "tables" / f"{name}.csv")
+        assert all(method.replace("_", r"\_") in tex for method in runs["method"]) and r"\textbf{" in tex
+        assert (root / "tables" / f"{name}.md").is_file()
+    summary = pd.read_csv(root / "tables" / "ablations_summary.csv").set_index("method")
+    assert summary.loc["varkd", ["sweep_tau", "sweep_k", "sweep_window"]].tolist() == [0.3, 16, 4]
+    assert summary.loc["varkd-k64", "sweep_k"] == 64 and pd.isna(summary.loc["varkd-k64", "sweep_tau"])
+    figures = {f"{table}_{figure}.{ext}" for table in ("main", "baselines", "ablations") for figure in FIGURES
+               for ext in ("png", "pdf")}
+    assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(figures | {"ablations_sweeps.png",
+                                                                                   "ablations_sweeps.pdf"})
+    snakemake(workdir, "--report", str(root / "report.html"), "all_ablations")
+    report = (root / "report.html").read_text()
+    assert "ablations_sweeps.png" in report and "main_summary.csv" in report
+    for notebook in ("results", "samples"):
+        execute_notebook(REPO / "notebooks" / f"{notebook}.ipynb", results_dir=str(root))

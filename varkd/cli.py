@@ -5,6 +5,7 @@ Snakemake rules call these; they also run by hand on any job config under result
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     agg = sub.add_parser("aggregate", help="gather metrics.json files into tables")
     agg.add_argument("metrics", nargs="+", help="metrics.json files")
     agg.add_argument("--out-dir", required=True)
-    agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv and .md")
+    agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv, _summary.csv, .md, .tex")
+    agg.add_argument("--sweeps", type=json.loads, default=[],
+                     help="JSON list of the sweep points of the table's runs (sweep, backbone, method, value)")
+    fig = sub.add_parser("plot", help="draw a figure of a results table (PNG and PDF)")
+    fig.add_argument("figure", help="metrics, sweeps, curves, cost or samples (varkd/plots.py)")
+    fig.add_argument("--results", required=True, help="the study's results folder (holding tables/)")
+    fig.add_argument("--table", required=True, help="main, baselines or ablations")
+    fig.add_argument("--out", required=True, help="output path without extension: <out>.png and <out>.pdf")
     check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
     check.add_argument("study", nargs="+", help="study config files, later ones overriding earlier ones key by key "
                                                 "(as Snakemake's --configfile), e.g. config/config.yaml")
@@ -53,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "aggregate":
             from varkd.aggregate import aggregate
 
-            aggregate(args.metrics, args.out_dir, args.name)
+            aggregate(args.metrics, args.out_dir, args.name, args.sweeps)
+        elif args.command == "plot":
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from varkd.plots import plot
+
+            plot(args.figure, args.results, args.table, args.out)
         elif args.command == "check-config":
             from varkd.study import Study
 

@@ -18,6 +18,8 @@ from varkd.config import (BackboneConfig, ResourceConfig, ClassifierJob, Cluster
 
 RESULTS = "results"
 _MISSING = object()
+# every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
+FIGURES = ("metrics", "curves", "cost", "samples")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class Study:
         """Mismatched vocabularies, grids or classes fail here, before any job runs."""
         cfg, vq = self.cfg, self.cfg.tokenizer.model
         presets = set(cfg.methods + cfg.baselines + cfg.ablations)
+        names = [sweep.name for sweep in cfg.sweeps]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"sweep names {names} repeat: each names its axis in the tables and plots")
         for sweep in cfg.sweeps:
             unknown = set(sweep.backbones) - set(cfg.backbones)
             if unknown:
@@ -204,6 +209,24 @@ class Study:
         if table not in tables:
             raise KeyError(f"unknown table {table!r}; tables: {list(tables)}")
         return tables[table]
+
+    def sweep_points(self, methods: list[str]) -> list[dict[str, Any]]:
+        """Each sweep with a run among `methods`, as its points (sweep, backbone, method, value of the swept key),
+        the swept preset's own value included: tables and sweep plots place the runs on their axis from these."""
+        points = []
+        for sweep in self.cfg.sweeps:
+            runs = {sweep.run_name(v): v for v in sweep.values if sweep.run_name(v) in methods}
+            if runs:
+                own = OmegaConf.select(OmegaConf.structured(self.methods[sweep.method]), sweep.key)
+                points += [{"sweep": sweep.name, "backbone": b, "method": m, "value": v}
+                           for b in sweep.backbones or self.cfg.backbones
+                           for m, v in {sweep.method: own, **runs}.items()]
+        return points
+
+    def figures(self, table: str) -> list[str]:
+        """A table's figures, PNG and PDF: plots/<table>_<figure>.{png,pdf}."""
+        names = FIGURES + (("sweeps",) if self.sweep_points(self.table_methods(table)) else ())
+        return [self.path("plots", f"{table}_{name}.{ext}") for name in names for ext in ("png", "pdf")]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
         """Runs of the given methods (default: every method of the study) on their backbones and every seed."""

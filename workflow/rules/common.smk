@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ wildcard_constraints:
     seed=r"\d+",
     rundir=r"[^/]+/(teacher|student_init|[^/]+/seed\d+)",
     table=r"main|baselines|ablations",
+    figure=r"[a-z]+",
     pool=r"pool_[0-9a-f]+",
     k=r"\d+",
 

@@ -1,13 +1,43 @@
 localrules:
     aggregate,
+    plot,
 
 
 rule aggregate:
-    """A target's metrics.json files -> tables/<table>.csv (one row per run), <table>.md (mean ± std over seeds)."""
+    """A table's metrics.json files -> tables/<table>.csv (one row per run), _summary.csv (over seeds), .md, .tex."""
     input:
         lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
     output:
         "results/{study}/tables/{table}.csv",
+        report(
+            "results/{study}/tables/{table}_summary.csv",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}"},
+        ),
         "results/{study}/tables/{table}.md",
+        "results/{study}/tables/{table}.tex",
+    params:
+        sweeps=lambda wc: json.dumps(STUDY.sweep_points(STUDY.table_methods(wc.table))),
     shell:
         "varkd aggregate {input} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
+        " --sweeps {params.sweeps:q}"
+
+
+rule plot:
+    """A figure of a table (varkd/plots.py), PNG for the report and PDF for a paper."""
+    input:
+        "results/{study}/tables/{table}.csv",
+        "results/{study}/tables/{table}_summary.csv",
+    output:
+        report(
+            "results/{study}/plots/{table}_{figure}.png",
+            caption="../report/plot.rst",
+            category="Figures",
+            subcategory="{table}",
+            labels={"table": "{table}", "figure": "{figure}"},
+        ),
+        "results/{study}/plots/{table}_{figure}.pdf",
+    shell:
+        "varkd plot {wildcards.figure} --results results/{wildcards.study} --table {wildcards.table}"
+        " --out results/{wildcards.study}/plots/{wildcards.table}_{wildcards.figure}"

@@ -1,0 +1,70 @@
+"""Tables and figures of a hand-made results folder, through `varkd aggregate` and `varkd plot`, and the notebooks
+as stored (the end-to-end test in test_workflow.py executes them)."""
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, assert_summary_matches_metrics_files
+from varkd import cli, plots, study
+from varkd.io import atomic_save_npz
+
+SWEEP = [{"sweep": "tau", "backbone": "tiny", "method": m, "value": v}
+         for m, v in (("varkd", 0.3), ("varkd-tau0.1", 0.1))]
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """results/<study>/ with the real floor, a teacher, a student init and two methods, a sweep run, two seeds."""
+    root, rng = tmp_path / "results" / "mini", np.random.default_rng(0)
+    runs = [("real", "-", "real", 0), ("tiny/teacher", "tiny", "teacher", 0),
+            ("tiny/student_init", "tiny", "student_init", 0)]
+    runs += [(f"tiny/{m}/seed{s}", "tiny", m, s) for m in ("ce", "varkd", "varkd-tau0.1") for s in (0, 1)]
+    for folder, backbone, method, seed in runs:
+        run = root / folder
+        run.mkdir(parents=True)
+        metrics = {"backbone": backbone, "method": method, "seed": seed, "fid": rng.uniform(1, 20),
+                   "isc_mean": rng.uniform(1, 5), "precision": rng.uniform(), "recall": rng.uniform()}
+        if method != "real":
+            metrics.update(val_nll=rng.uniform(1, 2), train_wall_s=rng.uniform(10, 100), train_teacher_forwards=8)
+            atomic_save_npz(run / "samples.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
+                            labels=np.repeat(np.arange(3), 2))
+            pd.DataFrame({"step": [4, 8], "loss": [2.0, 1.5], "val_nll": [np.nan, 1.4]}).to_csv(
+                run / "train_log.csv", index=False)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_aggregate_writes_every_table_file_and_plots_draw_every_figure(results):
+    files = sorted(str(p) for p in results.rglob("metrics.json"))
+    assert cli.main(["aggregate", *files, "--out-dir", str(results / "tables"), "--name", "ablations",
+                     "--sweeps", json.dumps(SWEEP)]) == 0
+    runs = pd.read_csv(results / "tables" / "ablations.csv")
+    assert (results / runs["run_dir"]).map(lambda p: (p / "metrics.json").is_file()).all()
+    assert_summary_matches_metrics_files(results, "ablations")  # two seeds: a std to check
+    summary = pd.read_csv(results / "tables" / "ablations_summary.csv").set_index("method")
+    assert summary.loc["varkd", "sweep_tau"] == 0.3 and np.isnan(summary.loc["ce", "sweep_tau"])
+    assert (results / "tables" / "ablations.tex").read_text().count(r"\textbf{") == 5  # one best per metric
+    assert "## Every run" in (results / "tables" / "ablations.md").read_text()
+    for figure in plots.FIGURES:
+        out = results / "plots" / f"ablations_{figure}"
+        assert cli.main(["plot", figure, "--results", str(results), "--table", "ablations", "--out", str(out)]) == 0
+        assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
+    assert cli.main(["plot", "nonsense", "--results", str(results), "--table", "ablations", "--out", "x"]) == 2
+
+
+def test_the_study_lists_only_figures_that_exist():
+    assert set(study.FIGURES) | {"sweeps"} == set(plots.FIGURES)
+
+
+@pytest.mark.parametrize("name", ["results", "samples"])
+def test_notebooks_are_stored_without_outputs_and_take_results_dir(name):
+    notebook = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(cell.outputs == [] and cell.execution_count is None for cell in code)
+    parameters = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert len(parameters) == 1 and 'results_dir = "results/embedded"' in parameters[0].source

@@ -1,0 +1,142 @@
+"""Figures of a results table, from its CSV files and its runs' folders: one function per figure, each returning
+a matplotlib figure, so `varkd plot` (PNG and PDF for the report) and the notebooks draw the same thing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+
+from varkd.tables import METRICS, REFERENCES, Table, header
+
+# the teacher's and the init's runs as lines across the metric panels (not real images: far off the methods' range,
+# they would flatten the differences between methods; the tables have them)
+REFERENCE_LINES = {"teacher": "--", "student_init": ":"}
+
+
+def _palette(table: Table) -> dict[str, Any]:
+    """One colour per backbone, the same in every figure."""
+    backbones = [b for b in dict.fromkeys(table.runs["backbone"]) if b in set(table.compared["backbone"])]
+    return dict(zip(backbones, sns.color_palette(n_colors=len(backbones))))
+
+
+def _metrics(frame: pd.DataFrame) -> list[str]:
+    return [m for m in METRICS if m in frame and frame[m].notna().any()]
+
+
+def metrics(table: Table) -> plt.Figure:
+    """Each metric per method and backbone: mean and standard deviation over seeds. Lines: the backbone's teacher
+    (dashed) and CE-pretrained student init (dotted) in its colour."""
+    runs, palette = table.compared, _palette(table)
+    long = runs.melt(id_vars=["backbone", "method", "seed"], value_vars=_metrics(runs), var_name="metric")
+    long["metric"] = long["metric"].map(header)
+    grid = sns.catplot(long, x="method", y="value", hue="backbone", row="metric", kind="point", errorbar="sd",
+                       palette=palette, dodge=0.3 if len(palette) > 1 else False,  # seaborn 0.13 fails on one level
+                       linestyle="none", capsize=0.15, sharey=False, height=2.2,
+                       aspect=max(2.5, 0.45 * runs["method"].nunique()), legend=False)
+    legend = {b: Line2D([], [], color=c, marker="o", linestyle="none") for b, c in palette.items()}
+    for row in table.runs[table.runs["method"].isin(REFERENCE_LINES)].itertuples():
+        style = {"color": palette.get(row.backbone, "black"), "linestyle": REFERENCE_LINES[row.method], "linewidth": 1}
+        for metric in _metrics(runs):
+            grid.axes_dict[header(metric)].axhline(getattr(row, metric), **style)
+        legend[f"{row.backbone} / {row.method}"] = Line2D([], [], **style)
+    grid.add_legend(legend_data=legend)
+    grid.set_titles("{row_name}").set_axis_labels("", "")
+    grid.tick_params(axis="x", rotation=90)
+    return grid.figure
+
+
+def sweeps(table: Table) -> plt.Figure:
+    """Each sweep (columns) against each metric (rows): mean and standard deviation over seeds per swept value,
+    the preset's own value among them."""
+    names = [c for c in table.summary if c.startswith("sweep_")]
+    shown = _metrics(table.compared)
+    fig, axes = plt.subplots(len(shown), len(names), figsize=(3.2 * len(names), 2.2 * len(shown)), squeeze=False,
+                             sharey="row", layout="constrained")
+    for j, name in enumerate(names):
+        axis = table.summary.loc[table.summary[name].notna(), ["backbone", "method", name]]
+        points = table.runs.merge(axis, on=["backbone", "method"]).sort_values(name)
+        points[name] = points[name].map(lambda v: f"{v:g}")
+        for i, metric in enumerate(shown):
+            sns.pointplot(points, x=name, y=metric, hue="backbone", palette=_palette(table), errorbar="sd",
+                          capsize=0.15, ax=axes[i, j], legend=i == j == 0)
+            axes[i, j].set(xlabel=name.removeprefix("sweep_") if i == len(shown) - 1 else "",
+                           ylabel=header(metric) if j == 0 else "")
+    return fig
+
+
+def curves(table: Table) -> plt.Figure:
+    """Training loss and validation NLL against step per method (mean and spread over seeds) and backbone. Each
+    method's loss is its own divergence; the validation NLL compares them."""
+    logs = pd.concat([pd.read_csv(table.results / run.run_dir / "train_log.csv").assign(
+        backbone=run.backbone, method=run.method, seed=run.seed) for run in table.compared.itertuples()])
+    quantities = [q for q in ("loss", "val_nll") if q in logs and logs[q].notna().any()]
+    long = logs.melt(id_vars=["backbone", "method", "seed", "step"], value_vars=quantities, var_name="quantity")
+    grid = sns.relplot(long.dropna(), kind="line", x="step", y="value", hue="method", row="quantity",
+                       col="backbone", errorbar="sd", marker="o", height=2.6, aspect=1.5,
+                       facet_kws={"sharey": "row"})
+    grid.set_titles("{col_name}: {row_name}").set_axis_labels("step", "")
+    return grid.figure
+
+
+def cost(table: Table) -> plt.Figure:
+    """Quality against training cost: FID and validation NLL against training wall time, one point per run."""
+    runs = table.compared
+    long = runs.melt(id_vars=["backbone", "method", "seed", "train_wall_s"],
+                     value_vars=[m for m in ("fid", "val_nll") if m in _metrics(runs)], var_name="metric")
+    long["metric"] = long["metric"].map(header)
+    grid = sns.relplot(long, x="train_wall_s", y="value", hue="method", style="backbone", col="metric",
+                       s=60, height=3.2, facet_kws={"sharey": False})
+    grid.set_titles("{col_name}").set_axis_labels("training wall time (s)", "")
+    return grid.figure
+
+
+def samples(table: Table, seed: int | None = None, per_class: int = 2, classes: list[int] | None = None
+            ) -> plt.Figure:
+    """The first `per_class` samples of each class (columns) for each run (rows) of one seed (default: the
+    first), the reference runs above their backbone's methods: every run decodes from the same sampling seed."""
+    seed = table.compared["seed"].min() if seed is None else seed
+    runs = table.summary[["backbone", "method"]].merge(table.runs)  # in the summary's order: blocks per backbone
+    runs = runs[(runs["method"] != "real") & (runs["method"].isin(REFERENCES) | (runs["seed"] == seed))]
+    loaded = []
+    for run in runs.itertuples():
+        with np.load(table.results / run.run_dir / "samples.npz") as f:
+            loaded.append((f"{run.backbone} / {run.method}", f["arr_0"], f["labels"]))
+    classes = sorted(set(loaded[0][2])) if classes is None else classes
+    k = min([per_class] + [int((labels == c).sum()) for _, _, labels in loaded for c in classes])
+    size, gap = loaded[0][1].shape[1], 4
+    rows = []
+    for _, images, labels in loaded:  # a row: each class's k images side by side, a white gap between classes
+        blocks = [np.concatenate(images[np.flatnonzero(labels == c)[:k]], axis=1) for c in classes]
+        rows.append(np.concatenate([np.pad(b, ((gap // 2,) * 2, (gap // 2,) * 2, (0, 0)), constant_values=255)
+                                    for b in blocks], axis=1))
+    mosaic = np.concatenate(rows, axis=0)
+    fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 60 + 1.5, mosaic.shape[0] / 60 + 0.5), layout="constrained")
+    ax.imshow(mosaic, interpolation="nearest")
+    cell_h, cell_w = size + gap, k * size + gap
+    ax.set_yticks([(i + 0.5) * cell_h for i in range(len(loaded))], [name for name, _, _ in loaded])
+    ax.set_xticks([(i + 0.5) * cell_w for i in range(len(classes))], [str(c) for c in classes])
+    ax.set(xlabel="class", title=f"seed {seed}")
+    ax.tick_params(length=0)
+    ax.grid(False)
+    sns.despine(ax=ax, left=True, bottom=True)
+    return fig
+
+
+FIGURES = {"metrics": metrics, "sweeps": sweeps, "curves": curves, "cost": cost, "samples": samples}
+
+
+def plot(figure: str, results: str | Path, table: str, out: str | Path) -> None:
+    """Draw one figure of a table and save it as <out>.png and <out>.pdf."""
+    if figure not in FIGURES:
+        raise KeyError(f"unknown figure {figure!r}; figures: {list(FIGURES)}")
+    sns.set_theme(style="whitegrid", context="paper")
+    fig = FIGURES[figure](Table.load(results, table))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{out}.{ext}", dpi=150, bbox_inches="tight")
+    plt.close(fig)
