@@ -200,6 +200,16 @@ def test_stray_freqs_cis_is_ignored(tmp_path):
     assert not any(t.is_meta for t in model.state_dict().values())
 
 
+def test_training_arguments_saved_beside_the_weights_load(tmp_path):
+    """LlamaGen's training scripts save "args" (an argparse.Namespace) next to "model"; weights_only allows it."""
+    import argparse
+
+    path = tmp_path / "vq.pt"
+    torch.save({"model": placeholder_state(vq16_shapes()), "args": argparse.Namespace(codebook_size=16384)},
+               path)
+    assert load_llamagen_vq(path).config.codebook_size == 16384
+
+
 # --- GPT-B-sized files with real values --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt_b_files(tmp_path_factory):

@@ -6,6 +6,7 @@ Nothing is ever downloaded: a missing official file is an error that says where 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,7 +108,8 @@ def llamagen_state(path: str | Path, what: str, official: str | None) -> dict[st
         where = (f"download {LLAMAGEN_URL}/resolve/main/{official} (MIT licence) and pass its local path"
                  if official else f"no official file exists for it ({LLAMAGEN_URL}); pass one you trained")
         raise FileNotFoundError(f"{what} {path} does not exist; nothing is downloaded here: {where}")
-    ckpt = load_checkpoint(path, what)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # LlamaGen's training scripts may save "args"
+        ckpt = load_checkpoint(path, what)
     state = next((ckpt[k] for k in ("model", "module", "state_dict") if k in ckpt), ckpt)
     if not isinstance(state, dict):
         raise ValueError(f"{what} {path} holds a {type(state).__name__} where its state dict should be")
