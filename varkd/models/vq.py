@@ -71,6 +71,21 @@ class VQConfig:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
 
+# LlamaGen's tokenizer registry (`VQ_models`): overrides of VQConfig, whose other defaults (codebook 16384 x 8,
+# l2-normalised, z_channels 256, ch 128, 2 res blocks) are those of the released vq_ds16_c2i.pt / vq_ds8_c2i.pt.
+VQ_models: dict[str, dict[str, list[int]]] = {
+    "VQ-16": dict(encoder_ch_mult=[1, 1, 2, 2, 4], decoder_ch_mult=[1, 1, 2, 2, 4]),  # 71,883,403 parameters
+    "VQ-8": dict(encoder_ch_mult=[1, 2, 2, 4], decoder_ch_mult=[1, 2, 2, 4]),  # 70,109,835 parameters
+}
+
+
+def vq_config(name: str, **overrides) -> VQConfig:
+    """VQConfig for a registry name, e.g. vq_config("VQ-16") for LlamaGen's vq_ds16_c2i.pt."""
+    if name not in VQ_models:
+        raise KeyError(f"unknown VQ tokenizer {name!r}; choose from {sorted(VQ_models)}")
+    return VQConfig(**{**VQ_models[name], **overrides})
+
+
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)  # swish
 
