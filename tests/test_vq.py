@@ -1,6 +1,4 @@
 """The VQ tokenizer: LlamaGen VQ-16 key layout, shapes, quantizer maths, trainability, uint8 helpers."""
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +8,8 @@ import torch.nn.functional as F
 from varkd.models.vq import VQConfig, VQModel
 from varkd.tokenizer import reconstruction_mse, tokenizer_loss
 
-KEYS_FILE = Path("/work/shared/docs/backbone-keys.txt")
+from tests.test_llamagen import vq16_shapes
+
 VQ16_PARAMS = 71_883_403
 
 
@@ -22,22 +21,8 @@ def tiny_config(**overrides) -> VQConfig:
     return VQConfig(**kw)
 
 
-def vq16_reference_keys() -> dict[str, list[int]]:
-    lines = KEYS_FILE.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("== LlamaGen VQ-16 state_dict"))
-    ref = {}
-    for line in lines[start + 1:]:
-        if line.startswith("=="):
-            break
-        m = re.fullmatch(r"\s+(\S+): \[([\d, ]*)\]", line)
-        assert m, f"unparsed line in {KEYS_FILE}: {line!r}"
-        ref[m.group(1)] = [int(s) for s in m.group(2).split(",") if s.strip()]
-    return ref
-
-
-@pytest.mark.skipif(not KEYS_FILE.exists(), reason="shared key list not available")
 def test_vq16_state_dict_matches_llamagen():
-    ref = vq16_reference_keys()
+    ref = {k: list(v) for k, v in vq16_shapes().items()}  # the vendored key list
     assert len(ref) == 344
     with torch.device("meta"):
         model = VQModel(VQConfig())

@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from varkd.config import (BackboneConfig, ResourceConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
-                          PrepareDataJob, RolloutConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
+from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
+                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
                           TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
 
 RESULTS = "results"
