@@ -58,6 +58,22 @@ class DataConfig:
 
 
 @dataclass
+class CodesConfig:
+    """How images become token sequences; at paper scale LlamaGen's augmentations (backbones.md A.5)."""
+
+    augment: str = "none"  # train split: none (the image once) | tencrop (4 corners + centre, each also h-flipped)
+    crop_range: float = 1.1  # tencrop: ADM centre crop to crop_range * image_size before the ten crops (LlamaGen)
+    num_shards: int = 1  # data.source=imagefolder: extraction jobs per split, one cluster job each
+    batch_size: int = 256
+
+    def __post_init__(self):
+        _check_choice("codes.augment", self.augment, ("none", "tencrop"))
+        _check_positive(self, "num_shards", "batch_size")
+        if self.crop_range < 1:
+            raise ConfigError(f"codes.crop_range must be >= 1, got {self.crop_range}")
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warm-up and decay, shared by every model the workflow trains."""
 
@@ -72,12 +88,14 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final lr / peak lr
     grad_clip: float = 1.0  # 0 disables
     precision: str = "bf16"  # bf16 autocast (CPU with AMX, or GPU) | fp32
+    grad_accum: int = 1  # micro-batches per optimiser step: batch_size is the global batch over ranks and micro-batches
+    compile: bool = False  # torch.compile the trained model's forward (paper scale; slow to start on a CPU)
     checkpoint_every: int = 200
     log_every: int = 25
     eval_every: int = 0  # validation loss every N steps (0: only at the end)
 
     def __post_init__(self):
-        _check_positive(self, "steps", "batch_size", "lr", "checkpoint_every", "log_every")
+        _check_positive(self, "steps", "batch_size", "lr", "grad_accum", "checkpoint_every", "log_every")
         _check_choice("schedule", self.schedule, ("constant", "cosine", "linear"))
         _check_choice("precision", self.precision, ("bf16", "fp32"))
         if not 0 <= self.min_lr_ratio <= 1:
@@ -256,9 +274,13 @@ class SampleConfig:
     top_p: float = 1.0
     seed: int = 0  # added to the run's seed
     grid_per_class: int = 8  # columns of grid.png
+    num_shards: int = 1  # jobs the samples are split over (paper scale: 50k samples), gathered into samples.npz
+    resize_to: int = 0  # 0 keeps the decoded size; LlamaGen decodes 384px models and resizes bicubic to 256 for FID
 
     def __post_init__(self):
-        _check_positive(self, "num_samples", "batch_size", "grid_per_class")
+        _check_positive(self, "num_samples", "batch_size", "grid_per_class", "num_shards")
+        if self.resize_to < 0:
+            raise ConfigError(f"sample.resize_to must be >= 0, got {self.resize_to}")
         if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("need cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
@@ -269,6 +291,9 @@ class EvaluateConfig:
 
     feature_extractor: str = "varkd-classifier"  # embedded: the workflow's classifier; paper scale: inception-v3-compat
     weights: Optional[str] = None  # local weights of the extractor (None: the study's trained classifier)
+    # Paper scale: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: mu, sigma, arr_0). FID uses its stored
+    # statistics, precision / recall its images. None: the study's held-out split is the real side.
+    reference_batch: Optional[str] = None
     prc_neighborhood: int = 3
     isc_splits: int = 10
     kid: bool = False
@@ -279,8 +304,18 @@ class EvaluateConfig:
 
 @dataclass
 class TokenizerConfig:
+    """A tokenizer trained by the workflow, or (pretrained) a released one imported from the checkpoints folder."""
+
     model: VQConfig = field(default_factory=VQConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrained: Optional[str] = None  # LlamaGen registry name (VQ-16, VQ-8); then model is that registry config
+
+    def __post_init__(self):
+        if self.pretrained is not None:
+            from varkd.models.vq import VQ_models, vq_config
+
+            _check_choice("tokenizer.pretrained", self.pretrained, tuple(VQ_models))
+            self.model = vq_config(self.pretrained)
 
 
 @dataclass
@@ -300,14 +335,24 @@ class BackboneConfig:
     family: str = "llamagen"  # raster next-token GPT
     teacher: Optional[GPTConfig] = None
     teacher_from: Optional[str] = None
+    # Paper scale: a LlamaGen registry size (GPT-B ... GPT-3B) whose released c2i file, from the study's
+    # checkpoints folder, is the teacher / the student's initial weights; the model config is the registry's.
+    teacher_pretrained: Optional[str] = None
+    student_pretrained: Optional[str] = None
     student: GPTConfig = field(default_factory=GPTConfig)
     teacher_optim: OptimConfig = field(default_factory=OptimConfig)
     teacher_seed: int = 0
 
     def __post_init__(self):
+        from varkd.models.gpt import GPT_models
+
         _check_choice("family", self.family, ("llamagen",))
-        if (self.teacher is None) == (self.teacher_from is None):
-            raise ConfigError("give exactly one of teacher (a GPT config) or teacher_from (another backbone)")
+        if sum(x is not None for x in (self.teacher, self.teacher_from, self.teacher_pretrained)) != 1:
+            raise ConfigError("give exactly one of teacher (a GPT config), teacher_from (another backbone) or "
+                              "teacher_pretrained (a released LlamaGen size)")
+        for key in ("teacher_pretrained", "student_pretrained"):
+            if getattr(self, key) is not None:
+                _check_choice(key, getattr(self, key), tuple(GPT_models))
         if self.teacher is not None:
             check_pair(self.teacher, self.student)
 
@@ -372,6 +417,13 @@ class StudyConfig:
     # KD assumes a supervised student (GKD, DistiLLM, MiniLLM fine-tune an SFT model; paper-scale students are
     # pretrained checkpoints): from scratch, its first rollouts are noise the teacher cannot correct.
     student_pretrain: Optional[OptimConfig] = None
+    codes: CodesConfig = field(default_factory=CodesConfig)
+    # Paper scale: the folder holding the released LlamaGen files under their official names (c2i_B_256.pt,
+    # vq_ds16_c2i.pt, ...) that backbones' *_pretrained and tokenizer.pretrained name. Nothing is downloaded.
+    checkpoints: Optional[str] = None
+    # Teacher logits on every training sequence ([N, 2, T, V] float16) and on teacher pools, computed once. Paper
+    # scale: false (terabytes at 1.28M sequences x 16,384 codes); ground-truth and pool KD run the teacher live.
+    cache_teacher_logits: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Per workflow rule (its name as in workflow/rules/*.smk); rules not listed get ResourceConfig's defaults.
@@ -413,15 +465,89 @@ class TokenizerJob:
         return [self.images]
 
 
+def code_set_files(folder: str) -> list[str]:
+    """A code set is a folder: codes.npy [N, A, T] (A augmented views of each image, raster order; int16 when the
+    vocabulary fits, else int32) and labels.npy int64 [N]. Memory-mapped by training, so ImageNet fits."""
+    return [f"{folder}/codes.npy", f"{folder}/labels.npy"]
+
+
 @dataclass
 class ExtractCodesJob:
+    """Codes of an in-memory images.npz (the embedded study): out_dir/train and out_dir/val code sets."""
+
     tokenizer: str = "???"
     images: str = "???"
-    out_dir: str = "???"  # codes_train.npz, codes_val.npz (codes int32 [N, h*w], labels int64 [N])
+    out_dir: str = "???"
     batch_size: int = 256
 
     def inputs(self) -> list[str]:
         return [self.tokenizer, self.images]
+
+
+@dataclass
+class IndexImagesJob:
+    """The sorted file list of one ImageFolder split and its class ids, which extraction shards divide."""
+
+    root: str = "???"  # <data.root>/<split>: one sub-folder per class (sorted names -> class ids)
+    out: str = "???"  # index.npz: paths (relative to root), labels int64 [N], classes (folder names)
+
+    def inputs(self) -> list[str]:
+        return [self.root]
+
+
+@dataclass
+class CodeShardJob:
+    """Codes of one contiguous shard of an indexed ImageFolder split, with LlamaGen's augmentations."""
+
+    tokenizer: str = "???"
+    index: str = "???"
+    root: str = "???"
+    image_size: int = 256
+    augment: str = "none"  # CodesConfig.augment; the val split always uses none (the ADM centre crop)
+    crop_range: float = 1.1
+    shard: int = 0
+    num_shards: int = 1
+    batch_size: int = 256
+    out: str = "???"  # shard .npz: codes [n, A, T], labels int64 [n]
+
+    def inputs(self) -> list[str]:
+        return [self.tokenizer, self.index]
+
+
+@dataclass
+class GatherCodesJob:
+    """Extraction shards, in order, into one memory-mappable code set."""
+
+    shards: list[str] = field(default_factory=list)
+    out_dir: str = "???"  # codes.npy, labels.npy
+
+    def inputs(self) -> list[str]:
+        return list(self.shards)
+
+
+@dataclass
+class ImportGPTJob:
+    """A released LlamaGen c2i file (varkd.checkpoints.load_llamagen_gpt) rewritten as a varkd GPT checkpoint."""
+
+    size: str = "???"  # registry size: GPT-B ... GPT-3B
+    image_size: int = 256
+    path: str = "???"  # the official file
+    out: str = "???"
+
+    def inputs(self) -> list[str]:
+        return [self.path]
+
+
+@dataclass
+class ImportTokenizerJob:
+    """LlamaGen's released tokenizer (vq_ds16_c2i.pt) rewritten as a varkd tokenizer checkpoint."""
+
+    name: str = "VQ-16"
+    path: str = "???"
+    out: str = "???"
+
+    def inputs(self) -> list[str]:
+        return [self.path]
 
 
 @dataclass
@@ -446,20 +572,23 @@ class TrainJob:
     model: GPTConfig = field(default_factory=GPTConfig)
     kd: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    codes_train: str = "???"
+    codes_train: str = "???"  # code set folders (code_set_files)
     codes_val: str = "???"
     teacher: Optional[str] = None  # teacher checkpoint, for methods that sample from it or score samples
     teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
-    teacher_pool: Optional[str] = None  # folder of pool.npz + logits.npy: teacher samples drawn once (TeacherPoolJob)
+    teacher_pool: Optional[str] = None  # TeacherPoolJob's folder: a code set (+ logits.npy when cached)
+    pool_logits: bool = True  # the teacher pool holds its logits (else the teacher scores pool batches live)
     init: Optional[str] = None  # checkpoint whose weights start the run (the backbone's pretrained student)
     clusters: Optional[str] = None  # codebook cluster assignment (.npy) for terms with cluster_weight > 0
     out_dir: str = "???"
     checkpoint_name: str = "student.pt"
 
     def inputs(self) -> list[str]:
-        pool = [f"{self.teacher_pool}/pool.npz", f"{self.teacher_pool}/logits.npy"] if self.teacher_pool else []
-        files = (self.codes_train, self.codes_val, self.teacher, self.teacher_logits, self.init, self.clusters)
-        return [p for p in files if p] + pool
+        pool = code_set_files(self.teacher_pool) if self.teacher_pool else []
+        if self.teacher_pool and self.pool_logits:
+            pool.append(f"{self.teacher_pool}/logits.npy")
+        files = (self.teacher, self.teacher_logits, self.init, self.clusters)
+        return (code_set_files(self.codes_train) + code_set_files(self.codes_val) + [p for p in files if p] + pool)
 
 
 @dataclass
@@ -483,7 +612,7 @@ class TeacherLogitsJob:
     batch_size: int = 256
 
     def inputs(self) -> list[str]:
-        return [self.teacher, self.codes_train]
+        return [self.teacher, *code_set_files(self.codes_train)]
 
 
 @dataclass
@@ -494,11 +623,12 @@ class TeacherPoolJob:
     codes_train: str = "???"  # its labels: one sample per training sequence
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     seed: int = 0
-    out_dir: str = "???"  # pool.npz (codes int32 [N, T], labels int64 [N]), logits.npy (float16 [N, T, V])
+    out_dir: str = "???"  # a code set (codes [N, 1, T], labels [N]) and, when logits, logits.npy (float16 [N, T, V])
+    logits: bool = True
     batch_size: int = 250
 
     def inputs(self) -> list[str]:
-        return [self.teacher, self.codes_train]
+        return [self.teacher, *code_set_files(self.codes_train)]
 
 
 @dataclass
@@ -507,10 +637,23 @@ class SampleJob:
     checkpoint: str = "???"
     tokenizer: str = "???"
     seed: int = 0
-    out_dir: str = "???"  # samples.npz, grid.png
+    shard: int = 0  # of sample.num_shards: one writes out_dir/samples.npz and grid.png, several samples/shard<i>.npz
+    out_dir: str = "???"
 
     def inputs(self) -> list[str]:
         return [self.checkpoint, self.tokenizer]
+
+
+@dataclass
+class GatherSamplesJob:
+    """Sample shards, in order, into samples.npz (ADM layout: arr_0 uint8 NHWC) and grid.png."""
+
+    shards: list[str] = field(default_factory=list)
+    grid_per_class: int = 8
+    out_dir: str = "???"
+
+    def inputs(self) -> list[str]:
+        return list(self.shards)
 
 
 @dataclass
@@ -521,8 +664,8 @@ class EvaluateJob:
     samples: str = "???"  # samples.npz (arr_0 uint8 NHWC) or images.npz for the real row
     samples_key: str = "arr_0"  # "train_images" for the real-vs-real row
     num_samples: int = 0  # 0: all; else a seeded random subset of this size
-    reference: str = "???"  # images.npz: its held-out split is the real side
-    classifier: str = "???"
+    reference: Optional[str] = None  # images.npz: its held-out split is the real side (None: evaluate.reference_batch)
+    classifier: Optional[str] = None  # feature_extractor varkd-classifier: the study's classifier
     checkpoint: Optional[str] = None  # the run's model: its validation NLL is reported too
     codes_val: Optional[str] = None
     identity: dict[str, Any] = field(default_factory=dict)  # backbone, method, seed written into metrics.json
@@ -530,8 +673,10 @@ class EvaluateJob:
     out: str = "???"
 
     def inputs(self) -> list[str]:
-        files = (self.samples, self.reference, self.classifier, self.checkpoint, self.codes_val, self.evaluate.weights)
-        return list(dict.fromkeys(p for p in files if p))
+        files = (self.samples, self.reference, self.classifier, self.checkpoint, self.evaluate.weights,
+                 self.evaluate.reference_batch)
+        codes = code_set_files(self.codes_val) if self.codes_val else []
+        return list(dict.fromkeys([p for p in files if p] + codes))
 
 
 # ----------------------------------------------------------------------------------------------------------------
