@@ -108,7 +108,7 @@ def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(stud
         got = (job.teacher is not None, job.teacher_logits is not None, job.teacher_pool is not None)
         assert got == expect.get(name, got), name
         if job.teacher_pool:  # the workflow has a job that makes the pool the run reads
-            assert f"{job.teacher_pool}/config.yaml" in study.jobs and f"{job.teacher_pool}/pool.npz" in job.inputs()
+            assert f"{job.teacher_pool}/config.yaml" in study.jobs and f"{job.teacher_pool}/codes.npy" in job.inputs()
 
 
 def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):

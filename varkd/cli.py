@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import clusters, distill, jobs
+from varkd import checkpoints, clusters, distill, jobs
 from varkd.loop import Interrupted
 
 
@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "train": (C.TrainJob, distill.train_gpt),
     "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
     "teacher-pool": (C.TeacherPoolJob, distill.sample_teacher_pool),
+    "import-gpt": (C.ImportGPTJob, checkpoints.import_gpt),
+    "import-tokenizer": (C.ImportTokenizerJob, checkpoints.import_tokenizer),
     "sample": (C.SampleJob, jobs.sample),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
 }
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             merged = OmegaConf.merge(*(OmegaConf.load(path) for path in args.study))
             study = Study.load(merged, " + ".join(args.study))
             print(f"study {study.name!r}: {len(study.runs())} runs, {len(study.jobs)} jobs")
+            missing = study.missing_files()
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} local file(s) missing (a run stops before its first "
+                                        "job):\n  " + "\n  ".join(missing))
         else:
             if args.threads:
                 torch.set_num_threads(args.threads)

@@ -274,22 +274,26 @@ class SampleConfig:
     top_p: float = 1.0
     seed: int = 0  # added to the run's seed
     grid_per_class: int = 8  # columns of grid.png
+    grid_classes: int = 10  # rows of grid.png: the first classes (ImageNet has 1,000)
     num_shards: int = 1  # jobs the samples are split over (paper scale: 50k samples), gathered into samples.npz
     resize_to: int = 0  # 0 keeps the decoded size; LlamaGen decodes 384px models and resizes bicubic to 256 for FID
 
     def __post_init__(self):
-        _check_positive(self, "num_samples", "batch_size", "grid_per_class", "num_shards")
+        _check_positive(self, "num_samples", "batch_size", "grid_per_class", "grid_classes", "num_shards")
         if self.resize_to < 0:
             raise ConfigError(f"sample.resize_to must be >= 0, got {self.resize_to}")
         if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("need cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
+CLASSIFIER_EXTRACTOR = "varkd-classifier"  # torch-fidelity name of the embedded study's classifier (varkd.metrics)
+
+
 @dataclass
 class EvaluateConfig:
     """How samples are scored (torch-fidelity) against held-out real images."""
 
-    feature_extractor: str = "varkd-classifier"  # embedded: the workflow's classifier; paper scale: inception-v3-compat
+    feature_extractor: str = CLASSIFIER_EXTRACTOR  # embedded: the workflow's classifier; paper scale: inception-v3-compat
     weights: Optional[str] = None  # local weights of the extractor (None: the study's trained classifier)
     # Paper scale: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: mu, sigma, arr_0). FID uses its stored
     # statistics, precision / recall its images. None: the study's held-out split is the real side.
@@ -339,6 +343,10 @@ class BackboneConfig:
     # checkpoints folder, is the teacher / the student's initial weights; the model config is the registry's.
     teacher_pretrained: Optional[str] = None
     student_pretrained: Optional[str] = None
+    # CFG scale when sampling this backbone's teacher / students for evaluation (None: sample.cfg_scale); LlamaGen
+    # publishes one per model size (backbones.md A.6).
+    teacher_cfg_scale: Optional[float] = None
+    student_cfg_scale: Optional[float] = None
     student: GPTConfig = field(default_factory=GPTConfig)
     teacher_optim: OptimConfig = field(default_factory=OptimConfig)
     teacher_seed: int = 0
@@ -353,6 +361,9 @@ class BackboneConfig:
         for key in ("teacher_pretrained", "student_pretrained"):
             if getattr(self, key) is not None:
                 _check_choice(key, getattr(self, key), tuple(GPT_models))
+        for key in ("teacher_cfg_scale", "student_cfg_scale"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.teacher is not None:
             check_pair(self.teacher, self.student)
 
@@ -426,6 +437,9 @@ class StudyConfig:
     cache_teacher_logits: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Per method preset, dotted keys set in it and in every preset derived from it (base:), e.g. a GPU-sized SJD
+    # window at paper scale: {varkd: {rollout.window: 16}}.
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per workflow rule (its name as in workflow/rules/*.smk); rules not listed get ResourceConfig's defaults.
     resources: dict[str, ResourceConfig] = field(default_factory=dict)
 
@@ -650,6 +664,7 @@ class GatherSamplesJob:
 
     shards: list[str] = field(default_factory=list)
     grid_per_class: int = 8
+    grid_classes: int = 10
     out_dir: str = "???"
 
     def inputs(self) -> list[str]:

@@ -14,9 +14,8 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from varkd.checkpoints import load_classifier
+from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.images import to_model_input
-
-EXTRACTOR_NAME = "varkd-classifier"
 
 
 class ClassifierFeatureExtractor(torch_fidelity.FeatureExtractorBase):

@@ -5,6 +5,7 @@ job configs; each job's YAML is written by the workflow before the job runs and 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, ConfigError, EvaluateJob, ExtractCodesJob, MethodConfig,
-                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
-                          TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
+from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILES
+from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
+from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, EvaluateJob, ExtractCodesJob,
+                          GatherCodesJob, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob, IndexImagesJob, MethodConfig,
+                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleJob, StudyConfig, SweepConfig,
+                          TeacherLogitsJob, TeacherPoolJob, TermConfig, TokenizerJob, TrainJob, check_pair, structured,
+                          to_yaml)
+from varkd.models.gpt import gpt_config
 
 RESULTS = "results"
 _MISSING = object()
@@ -47,18 +53,27 @@ def with_overrides(base: MethodConfig, overrides: dict[str, Any], source: str) -
     return structured(MethodConfig, cfg, source)
 
 
-def load_method(folder: Path, name: str, seen: tuple[str, ...] = ()) -> MethodConfig:
-    """A method preset: a MethodConfig YAML, or `base: <preset>` with `set: {dotted.key: value}` (ablations)."""
+def load_method(folder: Path, name: str, overrides: dict[str, dict[str, Any]] | None = None,
+                seen: tuple[str, ...] = ()) -> MethodConfig:
+    """A method preset: a MethodConfig YAML, or `base: <preset>` with `set: {dotted.key: value}` (ablations).
+
+    `overrides` (the study's method_overrides) are set in the named presets, before derived presets apply theirs.
+    """
+    overrides = overrides or {}
     path = preset_path(folder, name, "method")
     data = OmegaConf.load(path)
     if "base" not in data:
-        return structured(MethodConfig, data, str(path))
-    if set(data) - {"base", "set"}:
-        raise ConfigError(f"{path}: a derived preset has only the keys base and set, got {sorted(data)}")
-    if data.base in seen + (name,):
-        raise ConfigError(f"{path}: base {data.base!r} derives from itself")
-    base = load_method(folder, data.base, seen + (name,))
-    return with_overrides(base, OmegaConf.to_container(data.get("set", {})), str(path))
+        method = structured(MethodConfig, data, str(path))
+    else:
+        if set(data) - {"base", "set"}:
+            raise ConfigError(f"{path}: a derived preset has only the keys base and set, got {sorted(data)}")
+        if data.base in seen + (name,):
+            raise ConfigError(f"{path}: base {data.base!r} derives from itself")
+        base = load_method(folder, data.base, overrides, seen + (name,))
+        method = with_overrides(base, OmegaConf.to_container(data.get("set", {})), str(path))
+    if name in overrides:
+        method = with_overrides(method, overrides[name], f"method_overrides.{name}")
+    return method
 
 
 def sweep_methods(sweep: SweepConfig, base: MethodConfig) -> dict[str, MethodConfig]:
@@ -72,17 +87,27 @@ def sweep_methods(sweep: SweepConfig, base: MethodConfig) -> dict[str, MethodCon
     return methods
 
 
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
+REFERENCE_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                       "VIRTUAL_imagenet256_labeled.npz")
+
+
 class Study:
     def __init__(self, cfg: StudyConfig, backbones: dict[str, BackboneConfig], methods: dict[str, MethodConfig]):
         self.cfg, self.backbones, self.methods = cfg, backbones, methods
         self.root = f"{RESULTS}/{cfg.study}"
+        # files the study reads but no rule makes (paper scale): path -> what it is and where to get it
+        self.external: dict[str, str] = {}
+        self._resolve_pretrained()
+        self._check_scale()
         self._check_consistency()
         self.jobs: dict[str, Any] = {}
         self._add_data_jobs()
         for backbone in self.teacher_owners:
             self._add_teacher_jobs(backbone)
-        if self.cfg.student_pretrain is not None:
-            for backbone in self.cfg.backbones:
+        for backbone in self.cfg.backbones:
+            if self.student_init(backbone):
                 self._add_student_init_jobs(backbone)
         for run in self.runs():
             self._add_student_jobs(run)
@@ -97,10 +122,77 @@ class Study:
             path = preset_path(presets / "backbones", b, "backbone")
             backbones[b] = structured(BackboneConfig, path, str(path))
         names = dict.fromkeys(cfg.methods + cfg.baselines + cfg.ablations + [s.method for s in cfg.sweeps])
-        methods = {m: load_method(presets / "methods", m) for m in names}
+        unknown = sorted(set(cfg.method_overrides) - set(p.stem for p in (presets / "methods").glob("*.yaml")))
+        if unknown:
+            raise ConfigError(f"{source}: method_overrides names no preset {unknown} in {presets / 'methods'}")
+        methods = {m: load_method(presets / "methods", m, cfg.method_overrides) for m in names}
         for sweep in cfg.sweeps:
             methods.update(sweep_methods(sweep, methods[sweep.method]))
         return cls(cfg, backbones, methods)
+
+    def _official_file(self, file_name: str, what: str) -> str:
+        if not self.cfg.checkpoints:
+            raise ConfigError(f"{what} is a released LlamaGen file: set checkpoints (the folder holding {file_name})")
+        path = f"{self.cfg.checkpoints}/{file_name}"
+        self.external[path] = f"{what}; from {LLAMAGEN_URL}/resolve/main/{file_name} (MIT licence)"
+        return path
+
+    def _resolve_pretrained(self) -> None:
+        """Backbones and tokenizer named by released LlamaGen sizes get the registry config and the official file."""
+        cfg = self.cfg
+        grid = cfg.data.image_size // cfg.tokenizer.model.downsample
+        self.pretrained: dict[tuple[str, str], tuple[str, str]] = {}  # (backbone, role) -> (size, official file)
+        for name, bb in self.backbones.items():
+            for role in ("teacher", "student"):
+                size = getattr(bb, f"{role}_pretrained")
+                if size is None:
+                    continue
+                official = LLAMAGEN_GPT_FILES.get((size, cfg.data.image_size))
+                if official is None:
+                    released = sorted(f"{s} {px}px" for s, px in LLAMAGEN_GPT_FILES)
+                    raise ConfigError(f"config/backbones/{name}.yaml: {role}_pretrained={size} has no released "
+                                      f"c2i file for data.image_size={cfg.data.image_size} (released: {released})")
+                setattr(bb, role, gpt_config(size, block_size=grid * grid))
+                what = f"LlamaGen {size} {cfg.data.image_size}px checkpoint, {role} of backbone {name}"
+                self.pretrained[(name, role)] = (size, self._official_file(official, what))
+        if cfg.tokenizer.pretrained:
+            self.tokenizer_file = self._official_file(LLAMAGEN_VQ_FILES[cfg.tokenizer.pretrained],
+                                                      f"{cfg.tokenizer.pretrained} tokenizer")
+
+    def _check_scale(self) -> None:
+        """An ImageFolder study extracts codes from the tree and evaluates against a reference batch, with
+        released models: the in-memory images.npz of the embedded study is not made for 1.28M images."""
+        cfg = self.cfg
+        if cfg.evaluate.feature_extractor != EXTRACTOR_NAME:
+            if not cfg.evaluate.weights:
+                raise ConfigError(f"evaluate.feature_extractor={cfg.evaluate.feature_extractor}: set evaluate.weights "
+                                  "to its local weights file (nothing is downloaded)")
+            self.external[cfg.evaluate.weights] = (f"weights of {cfg.evaluate.feature_extractor}; from "
+                                                   f"torch-fidelity's release {INCEPTION_WEIGHTS_URL}")
+        if cfg.evaluate.reference_batch:
+            self.external[cfg.evaluate.reference_batch] = ("reference batch (real images and their FID statistics); "
+                                                           f"from ADM (openai/guided-diffusion) {REFERENCE_BATCH_URL}")
+        if cfg.data.source != "imagefolder":
+            return
+        problems = [(not cfg.tokenizer.pretrained, "tokenizer.pretrained (a released tokenizer, e.g. VQ-16)"),
+                    (not cfg.evaluate.reference_batch, "evaluate.reference_batch (the real side of the metrics)"),
+                    (cfg.evaluate.feature_extractor == EXTRACTOR_NAME,
+                     "evaluate.feature_extractor other than varkd-classifier (e.g. inception-v3-compat)"),
+                    (cfg.student_pretrain is not None, "student_pretrain: null (students start from released files)")]
+        needed = [what for bad, what in problems if bad]
+        if needed:
+            raise ConfigError(f"data.source=imagefolder (paper scale) needs {'; '.join(needed)}")
+        for split in ("train", "val"):
+            self.external[f"{cfg.data.root}/{split}"] = (f"ImageNet {split} split, one sub-folder of images per "
+                                                         "class; from image-net.org (ILSVRC2012)")
+
+    def missing_files(self) -> list[str]:
+        """Every external file that is not there, one line each saying what it is and where to get it."""
+        return [f"{path}: {what}" for path, what in self.external.items() if not Path(path).exists()]
+
+    def job_inputs(self, path: str) -> list[str]:
+        """What a job reads that the workflow makes (external files are checked once, by missing_files)."""
+        return [p for p in self.jobs[path].inputs() if p not in self.external]
 
     def _check_consistency(self) -> None:
         """Mismatched vocabularies, grids or classes fail here, before any job runs."""
@@ -118,7 +210,7 @@ class Study:
                 if sweep.run_name(value) in presets:
                     raise ConfigError(f"sweep {sweep.name!r}: run name {sweep.run_name(value)!r} is also a preset")
         grid = cfg.data.image_size // vq.downsample
-        if cfg.classifier.model.num_classes != cfg.data.num_classes:
+        if self.classifier and cfg.classifier.model.num_classes != cfg.data.num_classes:
             raise ConfigError(f"classifier.model.num_classes={cfg.classifier.model.num_classes} != "
                               f"data.num_classes={cfg.data.num_classes}")
         for name, backbone in self.backbones.items():
@@ -160,21 +252,34 @@ class Study:
         return "/".join((self.root, *parts))
 
     @property
-    def images(self) -> str:
-        return self.path("data", "images.npz")
+    def imagefolder(self) -> bool:
+        """Codes come from an ImageFolder tree through scattered extraction jobs (paper scale)."""
+        return self.cfg.data.source == "imagefolder"
+
+    @property
+    def images(self) -> str | None:
+        """images.npz, the in-memory dataset of the embedded study (None at paper scale)."""
+        return None if self.imagefolder else self.path("data", "images.npz")
 
     @property
     def tokenizer(self) -> str:
         return self.path("data", "tokenizer", "tokenizer.pt")
 
     def codes(self, split: str) -> str:
-        return self.path("data", "codes", f"codes_{split}.npz")
+        """A code set folder (varkd.config.code_set_files)."""
+        return self.path("data", "codes", split)
+
+    def code_shard(self, split: str, shard: int) -> str:
+        return self.path("data", "codes", split, "shards", f"shard{shard}.npz")
 
     def clusters(self, k: int) -> str:
         return self.path("data", "clusters", f"k{k}.npy")
 
     @property
-    def classifier(self) -> str:
+    def classifier(self) -> str | None:
+        """The metric's feature network, when the study trains one (the embedded study)."""
+        if self.cfg.evaluate.feature_extractor != EXTRACTOR_NAME:
+            return None
         return self.path("data", "classifier", "classifier.pt")
 
     @property
@@ -239,7 +344,7 @@ class Study:
         """Every metrics.json a table needs: the real-vs-real floor, each teacher and student init, the runs."""
         runs = self.runs(methods)
         inits = [self.path(b, "student_init", "metrics.json") for b in self.cfg.backbones if self.student_init(b)]
-        return ([self.path("real", "metrics.json")]
+        return ([self.path("real", "metrics.json")] * bool(self.images)
                 + [f"{self.teacher_dir(b)}/metrics.json" for b in self.teacher_owners]
                 + inits + [f"{self.run_dir(r)}/metrics.json" for r in runs])
 
@@ -255,53 +360,110 @@ class Study:
     # ---- jobs -----------------------------------------------------------------------------------------------
     def _add_data_jobs(self) -> None:
         cfg = self.cfg
+        if cfg.tokenizer.pretrained:
+            self.jobs[self.path("data", "tokenizer", "config.yaml")] = ImportTokenizerJob(
+                name=cfg.tokenizer.pretrained, path=self.tokenizer_file, out=self.tokenizer)
+        if self.imagefolder:
+            self._add_extraction_jobs()
+        else:
+            self._add_in_memory_data_jobs()
+
+    def _add_in_memory_data_jobs(self) -> None:
+        """The embedded study: images.npz in memory, its tokenizer, classifier and the real-vs-real floor."""
+        cfg = self.cfg
         self.jobs[self.path("data", "config.yaml")] = PrepareDataJob(data=cfg.data, out=self.images)
-        self.jobs[self.path("data", "tokenizer", "config.yaml")] = TokenizerJob(
-            tokenizer=cfg.tokenizer, images=self.images, out_dir=self.path("data", "tokenizer"))
+        if not cfg.tokenizer.pretrained:
+            self.jobs[self.path("data", "tokenizer", "config.yaml")] = TokenizerJob(
+                tokenizer=cfg.tokenizer, images=self.images, out_dir=self.path("data", "tokenizer"))
         self.jobs[self.path("data", "codes", "config.yaml")] = ExtractCodesJob(
             tokenizer=self.tokenizer, images=self.images, out_dir=self.path("data", "codes"))
-        self.jobs[self.path("data", "classifier", "config.yaml")] = ClassifierJob(
-            classifier=cfg.classifier, images=self.images, out_dir=self.path("data", "classifier"))
+        if self.classifier:
+            self.jobs[self.path("data", "classifier", "config.yaml")] = ClassifierJob(
+                classifier=cfg.classifier, images=self.images, out_dir=self.path("data", "classifier"))
         self.jobs[self.path("real", "evaluate.yaml")] = EvaluateJob(
             evaluate=cfg.evaluate, samples=self.images, samples_key="train_images",
             num_samples=cfg.sample.num_samples, reference=self.images, classifier=self.classifier,
             identity={"backbone": "-", "method": "real", "seed": 0}, out=self.path("real", "metrics.json"))
 
-    def _add_generation_jobs(self, run_dir: str, checkpoint: str, identity: dict[str, Any], seed: int) -> None:
+    def _add_extraction_jobs(self) -> None:
+        """Paper scale: per split, the ImageFolder index, codes.num_shards extraction jobs, and their gathering."""
         cfg = self.cfg
-        self.jobs[f"{run_dir}/sample.yaml"] = SampleJob(sample=cfg.sample, checkpoint=checkpoint,
-                                                        tokenizer=self.tokenizer, seed=seed, out_dir=run_dir)
+        for split in ("train", "val"):
+            index = self.path("data", "index", f"{split}.npz")
+            self.jobs[self.path("data", "index", f"{split}.yaml")] = IndexImagesJob(
+                root=f"{cfg.data.root}/{split}", out=index)
+            shards = [self.code_shard(split, i) for i in range(cfg.codes.num_shards)]
+            for i, shard in enumerate(shards):
+                self.jobs[shard.replace(".npz", ".yaml")] = CodeShardJob(
+                    tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{split}",
+                    image_size=cfg.data.image_size, augment=cfg.codes.augment if split == "train" else "none",
+                    crop_range=cfg.codes.crop_range, shard=i, num_shards=cfg.codes.num_shards,
+                    batch_size=cfg.codes.batch_size, out=shard)
+            self.jobs[f"{self.codes(split)}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=self.codes(split))
+
+    def samples_shards(self, run_dir: str) -> list[str]:
+        n = self.cfg.sample.num_shards
+        return [f"{run_dir}/samples/shard{i}.npz" for i in range(n)] if n > 1 else []
+
+    def _add_generation_jobs(self, run_dir: str, checkpoint: str, identity: dict[str, Any], seed: int,
+                             cfg_scale: float | None) -> None:
+        cfg = self.cfg
+        sample = cfg.sample if cfg_scale is None else dataclasses.replace(cfg.sample, cfg_scale=cfg_scale)
+        shards = self.samples_shards(run_dir)
+        for i, shard in enumerate(shards or [f"{run_dir}/samples.npz"]):
+            config = shard.replace(".npz", ".yaml") if shards else f"{run_dir}/sample.yaml"
+            self.jobs[config] = SampleJob(sample=sample, checkpoint=checkpoint, tokenizer=self.tokenizer,
+                                          seed=seed, shard=i, out_dir=run_dir)
+        if shards:
+            self.jobs[f"{run_dir}/samples/gather.yaml"] = GatherSamplesJob(
+                shards=shards, grid_per_class=cfg.sample.grid_per_class, grid_classes=cfg.sample.grid_classes,
+                out_dir=run_dir)
         self.jobs[f"{run_dir}/evaluate.yaml"] = EvaluateJob(
             evaluate=cfg.evaluate, samples=f"{run_dir}/samples.npz", reference=self.images,
             classifier=self.classifier, checkpoint=checkpoint, codes_val=self.codes("val"), identity=identity,
             seed=seed, out=f"{run_dir}/metrics.json")
 
+    def _add_import_job(self, backbone: str, role: str, out: str) -> None:
+        size, path = self.pretrained[(backbone, role)]
+        self.jobs[f"{Path(out).parent}/config.yaml"] = ImportGPTJob(
+            size=size, image_size=self.cfg.data.image_size, path=path, out=out)
+
     def _add_teacher_jobs(self, backbone: str) -> None:
         bb, tdir = self.backbones[backbone], self.teacher_dir(backbone)
-        self.jobs[f"{tdir}/config.yaml"] = TrainJob(
-            study=self.name, backbone=backbone, method="teacher", seed=bb.teacher_seed, model=bb.teacher,
-            kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=bb.teacher_optim, codes_train=self.codes("train"),
-            codes_val=self.codes("val"), out_dir=tdir, checkpoint_name="teacher.pt")
-        self.jobs[f"{tdir}/logits.yaml"] = TeacherLogitsJob(
-            teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), out=f"{tdir}/logits_train.npy")
+        if (backbone, "teacher") in self.pretrained:
+            self._add_import_job(backbone, "teacher", f"{tdir}/teacher.pt")
+        else:
+            self.jobs[f"{tdir}/config.yaml"] = TrainJob(
+                study=self.name, backbone=backbone, method="teacher", seed=bb.teacher_seed, model=bb.teacher,
+                kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=bb.teacher_optim,
+                codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=tdir,
+                checkpoint_name="teacher.pt")
+        if self.cfg.cache_teacher_logits:
+            self.jobs[f"{tdir}/logits.yaml"] = TeacherLogitsJob(
+                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), out=f"{tdir}/logits_train.npy")
         self._add_generation_jobs(tdir, f"{tdir}/teacher.pt",
-                                  {"backbone": backbone, "method": "teacher", "seed": bb.teacher_seed}, bb.teacher_seed)
+                                  {"backbone": backbone, "method": "teacher", "seed": bb.teacher_seed}, bb.teacher_seed,
+                                  bb.teacher_cfg_scale)
 
     def student_init(self, backbone: str) -> str | None:
-        """The pretrained student every method of the backbone starts from (None: from scratch)."""
-        if self.cfg.student_pretrain is None:
+        """The student every method of the backbone starts from: released (paper scale) or CE-pretrained once by
+        the workflow; None: from scratch."""
+        if self.cfg.student_pretrain is None and (backbone, "student") not in self.pretrained:
             return None
         return self.path(backbone, "student_init", "student.pt")
 
     def _add_student_init_jobs(self, backbone: str) -> None:
         bb, sdir = self.backbones[backbone], self.path(backbone, "student_init")
-        self.jobs[f"{sdir}/config.yaml"] = TrainJob(
-            study=self.name, backbone=backbone, method="student_init", seed=bb.teacher_seed, model=bb.student,
-            kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=self.cfg.student_pretrain,
-            codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=sdir)
+        if (backbone, "student") in self.pretrained:
+            self._add_import_job(backbone, "student", f"{sdir}/student.pt")
+        else:
+            self.jobs[f"{sdir}/config.yaml"] = TrainJob(
+                study=self.name, backbone=backbone, method="student_init", seed=bb.teacher_seed, model=bb.student,
+                kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=self.cfg.student_pretrain,
+                codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=sdir)
         self._add_generation_jobs(sdir, f"{sdir}/student.pt",
                                   {"backbone": backbone, "method": "student_init", "seed": bb.teacher_seed},
-                                  bb.teacher_seed)
+                                  bb.teacher_seed, bb.student_cfg_scale)
 
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
@@ -318,13 +480,17 @@ class Study:
             pool = self.teacher_pool_dir(run.backbone, rollout)
             self.jobs[f"{pool}/config.yaml"] = TeacherPoolJob(
                 teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=rollout,
-                seed=self.backbones[run.backbone].teacher_seed, out_dir=pool)
+                seed=self.backbones[run.backbone].teacher_seed, out_dir=pool, logits=self.cfg.cache_teacher_logits)
+        cached = self.cfg.cache_teacher_logits
+        live = method.needs_live_teacher or (not cached and (method.uses_cached_logits or pool is not None))
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
             model=self.backbones[run.backbone].student, kd=method, optim=self.cfg.student_optim,
             codes_train=self.codes("train"), codes_val=self.codes("val"),
-            teacher=f"{tdir}/teacher.pt" if method.needs_live_teacher else None,
-            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits else None,
-            teacher_pool=pool, init=self.student_init(run.backbone), clusters=clusters, out_dir=rdir)
+            teacher=f"{tdir}/teacher.pt" if live else None,
+            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits and cached else None,
+            teacher_pool=pool, pool_logits=cached, init=self.student_init(run.backbone), clusters=clusters,
+            out_dir=rdir)
         self._add_generation_jobs(rdir, f"{rdir}/student.pt",
-                                  {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed)
+                                  {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed,
+                                  self.backbones[run.backbone].student_cfg_scale)

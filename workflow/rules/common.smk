@@ -3,6 +3,7 @@ import os
 import re
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from varkd.study import Study
@@ -26,17 +27,34 @@ wildcard_constraints:
     table=r"main|baselines|ablations",
     figure=r"[a-z]+",
     pool=r"pool_[0-9a-f]+",
+    split=r"train|val",
+    shard=r"\d+",
     k=r"\d+",
 
 
 def job(config_path):
-    """Input function: the job's config (formatted with the wildcards) as `config`, and every file it reads."""
+    """Input function: the job's config (formatted with the wildcards) as `config`, and every file it reads that
+    a rule makes (the study's external files are checked once, before any job: onstart below)."""
 
     def inputs(wildcards):
         path = config_path.format(**wildcards)
-        return {"config": path, "reads": STUDY.jobs[path].inputs()}
+        return {"config": path, "reads": STUDY.job_inputs(path)}
 
     return inputs
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: nothing)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+onstart:
+    # Paper scale reads checkpoints, ImageNet, Inception weights and the reference batch from local paths; a
+    # dry run (-n) builds the whole DAG without them, a real run stops here, listing every missing one at once.
+    missing = STUDY.missing_files()
+    if missing:
+        raise WorkflowError(f"study {STUDY.name!r}: {len(missing)} local file(s) missing, nothing was run "
+                            "(nothing is downloaded; set the paths in the study file):\n  " + "\n  ".join(missing))
 
 
 def cluster_resources(rule):

@@ -9,61 +9,130 @@ rule resolve_config:
         "printf '%s' {params.text:q} > {output}.tmp && mv {output}.tmp {output}"
 
 
-rule prepare_data:
-    input:
-        unpack(job("results/{study}/data/config.yaml")),
-    output:
-        "results/{study}/data/images.npz",
-    log:
-        "results/logs/{study}/prepare_data.log",
-    threads: STUDY.resources("prepare_data").cpus
-    resources:
-        **cluster_resources("prepare_data"),
-    shell:
-        "varkd prepare-data {input.config} > {log} 2>&1"
+if STUDY.cfg.tokenizer.pretrained:
+
+    rule import_tokenizer:
+        """The released tokenizer (e.g. vq_ds16_c2i.pt), checked key for key and rewritten as a varkd checkpoint."""
+        input:
+            unpack(job("results/{study}/data/tokenizer/config.yaml")),
+        output:
+            "results/{study}/data/tokenizer/tokenizer.pt",
+        log:
+            "results/logs/{study}/import_tokenizer.log",
+        threads: STUDY.resources("import_tokenizer").cpus
+        resources:
+            **cluster_resources("import_tokenizer"),
+        shell:
+            "varkd import-tokenizer {input.config} --threads {threads} > {log} 2>&1"
 
 
-rule train_tokenizer:
-    input:
-        unpack(job("results/{study}/data/tokenizer/config.yaml")),
-    output:
-        "results/{study}/data/tokenizer/tokenizer.pt",
-    log:
-        "results/logs/{study}/train_tokenizer.log",
-    threads: STUDY.resources("train_tokenizer").cpus
-    resources:
-        **cluster_resources("train_tokenizer"),
-    shell:
-        "varkd train-tokenizer {input.config} --threads {threads} > {log} 2>&1"
+if STUDY.imagefolder:
+
+    rule index_images:
+        """The sorted file list and class ids of one ImageFolder split, which the extraction shards divide."""
+        input:
+            unpack(job("results/{study}/data/index/{split}.yaml")),
+        output:
+            "results/{study}/data/index/{split}.npz",
+        log:
+            "results/logs/{study}/index_images_{split}.log",
+        threads: STUDY.resources("index_images").cpus
+        resources:
+            **cluster_resources("index_images"),
+        shell:
+            "varkd index-images {input.config} --threads {threads} > {log} 2>&1"
+
+    rule extract_code_shard:
+        """Codes of one shard of a split (train: LlamaGen's ten crops), one cluster job per shard."""
+        input:
+            unpack(job("results/{study}/data/codes/{split}/shards/shard{shard}.yaml")),
+        output:
+            "results/{study}/data/codes/{split}/shards/shard{shard}.npz",
+        log:
+            "results/logs/{study}/extract_codes/{split}_shard{shard}.log",
+        threads: STUDY.resources("extract_code_shard").cpus
+        resources:
+            **cluster_resources("extract_code_shard"),
+        shell:
+            "varkd extract-code-shard {input.config} --threads {threads} > {log} 2>&1"
+
+    rule gather_codes:
+        """A split's shards, in order, into one memory-mapped code set."""
+        input:
+            unpack(job("results/{study}/data/codes/{split}/config.yaml")),
+        output:
+            "results/{study}/data/codes/{split}/codes.npy",
+            "results/{study}/data/codes/{split}/labels.npy",
+        log:
+            "results/logs/{study}/gather_codes_{split}.log",
+        threads: STUDY.resources("gather_codes").cpus
+        resources:
+            **cluster_resources("gather_codes"),
+        shell:
+            "varkd gather-codes {input.config} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule prepare_data:
+        input:
+            unpack(job("results/{study}/data/config.yaml")),
+        output:
+            "results/{study}/data/images.npz",
+        log:
+            "results/logs/{study}/prepare_data.log",
+        threads: STUDY.resources("prepare_data").cpus
+        resources:
+            **cluster_resources("prepare_data"),
+        shell:
+            "varkd prepare-data {input.config} > {log} 2>&1"
+
+    rule extract_codes:
+        input:
+            unpack(job("results/{study}/data/codes/config.yaml")),
+        output:
+            "results/{study}/data/codes/train/codes.npy",
+            "results/{study}/data/codes/train/labels.npy",
+            "results/{study}/data/codes/val/codes.npy",
+            "results/{study}/data/codes/val/labels.npy",
+        log:
+            "results/logs/{study}/extract_codes.log",
+        threads: STUDY.resources("extract_codes").cpus
+        resources:
+            **cluster_resources("extract_codes"),
+        shell:
+            "varkd extract-codes {input.config} --threads {threads} > {log} 2>&1"
 
 
-rule extract_codes:
-    input:
-        unpack(job("results/{study}/data/codes/config.yaml")),
-    output:
-        "results/{study}/data/codes/codes_train.npz",
-        "results/{study}/data/codes/codes_val.npz",
-    log:
-        "results/logs/{study}/extract_codes.log",
-    threads: STUDY.resources("extract_codes").cpus
-    resources:
-        **cluster_resources("extract_codes"),
-    shell:
-        "varkd extract-codes {input.config} --threads {threads} > {log} 2>&1"
+if not STUDY.cfg.tokenizer.pretrained:
+
+    rule train_tokenizer:
+        input:
+            unpack(job("results/{study}/data/tokenizer/config.yaml")),
+        output:
+            "results/{study}/data/tokenizer/tokenizer.pt",
+        log:
+            "results/logs/{study}/train_tokenizer.log",
+        threads: STUDY.resources("train_tokenizer").cpus
+        resources:
+            **cluster_resources("train_tokenizer"),
+        shell:
+            "varkd train-tokenizer {input.config} --threads {threads} > {log} 2>&1"
 
 
-rule train_classifier:
-    input:
-        unpack(job("results/{study}/data/classifier/config.yaml")),
-    output:
-        "results/{study}/data/classifier/classifier.pt",
-    log:
-        "results/logs/{study}/train_classifier.log",
-    threads: STUDY.resources("train_classifier").cpus
-    resources:
-        **cluster_resources("train_classifier"),
-    shell:
-        "varkd train-classifier {input.config} --threads {threads} > {log} 2>&1"
+if STUDY.classifier:
+
+    rule train_classifier:
+        input:
+            unpack(job("results/{study}/data/classifier/config.yaml")),
+        output:
+            "results/{study}/data/classifier/classifier.pt",
+        log:
+            "results/logs/{study}/train_classifier.log",
+        threads: STUDY.resources("train_classifier").cpus
+        resources:
+            **cluster_resources("train_classifier"),
+        shell:
+            "varkd train-classifier {input.config} --threads {threads} > {log} 2>&1"
 
 
 rule cluster_codebook:

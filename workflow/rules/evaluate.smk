@@ -1,17 +1,50 @@
-rule sample:
-    """Class-balanced samples of a teacher or student run, and a grid of them."""
-    input:
-        unpack(job("results/{study}/{rundir}/sample.yaml")),
-    output:
-        "results/{study}/{rundir}/samples.npz",
-        "results/{study}/{rundir}/grid.png",
-    log:
-        "results/logs/{study}/{rundir}/sample.log",
-    threads: STUDY.resources("sample").cpus
-    resources:
-        **cluster_resources("sample"),
-    shell:
-        "varkd sample {input.config} --threads {threads} > {log} 2>&1"
+if STUDY.cfg.sample.num_shards == 1:
+
+    rule sample:
+        """Class-balanced samples of a teacher or student run, and a grid of them."""
+        input:
+            unpack(job("results/{study}/{rundir}/sample.yaml")),
+        output:
+            "results/{study}/{rundir}/samples.npz",
+            "results/{study}/{rundir}/grid.png",
+        log:
+            "results/logs/{study}/{rundir}/sample.log",
+        threads: STUDY.resources("sample").cpus
+        resources:
+            **cluster_resources("sample"),
+        shell:
+            "varkd sample {input.config} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule sample_shard:
+        """One shard of a run's class-balanced samples (paper scale: 50k over sample.num_shards jobs)."""
+        input:
+            unpack(job("results/{study}/{rundir}/samples/shard{shard}.yaml")),
+        output:
+            "results/{study}/{rundir}/samples/shard{shard}.npz",
+        log:
+            "results/logs/{study}/{rundir}/sample_shard{shard}.log",
+        threads: STUDY.resources("sample_shard").cpus
+        resources:
+            **cluster_resources("sample_shard"),
+        shell:
+            "varkd sample {input.config} --threads {threads} > {log} 2>&1"
+
+    rule gather_samples:
+        """A run's sample shards into samples.npz (ADM layout: arr_0 uint8 NHWC) and a grid of them."""
+        input:
+            unpack(job("results/{study}/{rundir}/samples/gather.yaml")),
+        output:
+            "results/{study}/{rundir}/samples.npz",
+            "results/{study}/{rundir}/grid.png",
+        log:
+            "results/logs/{study}/{rundir}/gather_samples.log",
+        threads: STUDY.resources("gather_samples").cpus
+        resources:
+            **cluster_resources("gather_samples"),
+        shell:
+            "varkd gather-samples {input.config} --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:
@@ -29,16 +62,18 @@ rule evaluate:
         "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"
 
 
-rule evaluate_real:
-    """The floor: real training images scored like samples, against the same held-out images."""
-    input:
-        unpack(job("results/{study}/real/evaluate.yaml")),
-    output:
-        "results/{study}/real/metrics.json",
-    log:
-        "results/logs/{study}/real/evaluate.log",
-    threads: STUDY.resources("evaluate_real").cpus
-    resources:
-        **cluster_resources("evaluate_real"),
-    shell:
-        "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"
+if STUDY.images:
+
+    rule evaluate_real:
+        """The floor: real training images scored like samples, against the same held-out images."""
+        input:
+            unpack(job("results/{study}/real/evaluate.yaml")),
+        output:
+            "results/{study}/real/metrics.json",
+        log:
+            "results/logs/{study}/real/evaluate.log",
+        threads: STUDY.resources("evaluate_real").cpus
+        resources:
+            **cluster_resources("evaluate_real"),
+        shell:
+            "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"

@@ -1,6 +1,48 @@
+PRETRAINED_TEACHERS = [b for b in STUDY.teacher_owners if (b, "teacher") in STUDY.pretrained]
+PRETRAINED_STUDENTS = [b for b in STUDY.cfg.backbones if (b, "student") in STUDY.pretrained]
+
+
+rule import_teacher:
+    """A released LlamaGen file as the backbone's teacher, checked key for key (paper scale)."""
+    priority: 10
+    wildcard_constraints:
+        backbone=one_of(PRETRAINED_TEACHERS),
+    input:
+        unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
+    output:
+        "results/{study}/{backbone}/teacher/teacher.pt",
+    log:
+        "results/logs/{study}/{backbone}/teacher/import.log",
+    threads: STUDY.resources("import_teacher").cpus
+    resources:
+        **cluster_resources("import_teacher"),
+    shell:
+        "varkd import-gpt {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule import_student:
+    """A released LlamaGen file as the weights every student method of the backbone starts from (paper scale)."""
+    priority: 10
+    wildcard_constraints:
+        backbone=one_of(PRETRAINED_STUDENTS),
+    input:
+        unpack(job("results/{study}/{backbone}/student_init/config.yaml")),
+    output:
+        "results/{study}/{backbone}/student_init/student.pt",
+    log:
+        "results/logs/{study}/{backbone}/student_init/import.log",
+    threads: STUDY.resources("import_student").cpus
+    resources:
+        **cluster_resources("import_student"),
+    shell:
+        "varkd import-gpt {input.config} --threads {threads} > {log} 2>&1"
+
+
 rule train_teacher:
     """The teacher, on the critical path of every KD run: scheduled first."""
     priority: 10
+    wildcard_constraints:
+        backbone=one_of(set(STUDY.teacher_owners) - set(PRETRAINED_TEACHERS)),
     input:
         unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
     output:
@@ -11,7 +53,7 @@ rule train_teacher:
     resources:
         **cluster_resources("train_teacher"),
     shell:
-        "varkd train {input.config} --threads {threads} > {log} 2>&1"
+        "varkd train {input.config} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
 
 
 rule cache_teacher_logits:
@@ -35,9 +77,10 @@ rule teacher_pool:
     priority: 10
     input:
         unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
-    output:
-        "results/{study}/{backbone}/teacher/{pool}/pool.npz",
-        "results/{study}/{backbone}/teacher/{pool}/logits.npy",
+    output:  # a code set, and the logits where the study caches them
+        "results/{study}/{backbone}/teacher/{pool}/codes.npy",
+        "results/{study}/{backbone}/teacher/{pool}/labels.npy",
+        ["results/{study}/{backbone}/teacher/{pool}/logits.npy"] * STUDY.cfg.cache_teacher_logits,
     log:
         "results/logs/{study}/{backbone}/teacher/{pool}.log",
     threads: STUDY.resources("teacher_pool").cpus
@@ -50,6 +93,8 @@ rule teacher_pool:
 rule pretrain_student:
     """The backbone's student trained with CE once: the weights every method starts from."""
     priority: 10
+    wildcard_constraints:
+        backbone=one_of(set(STUDY.cfg.backbones) - set(PRETRAINED_STUDENTS)),
     input:
         unpack(job("results/{study}/{backbone}/student_init/config.yaml")),
     output:
@@ -60,7 +105,7 @@ rule pretrain_student:
     resources:
         **cluster_resources("pretrain_student"),
     shell:
-        "varkd train {input.config} --threads {threads} > {log} 2>&1"
+        "varkd train {input.config} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"
 
 
 rule train_student:
@@ -74,4 +119,4 @@ rule train_student:
     resources:
         **cluster_resources("train_student"),
     shell:
-        "varkd train {input.config} --threads {threads} > {log} 2>&1"
+        "varkd train {input.config} --threads {threads} --nproc {resources.gpu} > {log} 2>&1"

@@ -1,0 +1,129 @@
+"""The paper-scale study (config/imagenet.yaml): its DAG builds without any of its files, and a run without them
+stops before any job with one message naming every missing file."""
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.test_workflow import snakemake
+from varkd.config import ConfigError, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob, SampleJob, TrainJob
+from varkd.study import Study
+
+
+def paper_study(presets: Path, *overlays: str, **keys) -> Study:
+    files = [presets / "config.yaml", *(presets / name for name in overlays)]
+    data = OmegaConf.merge(*(OmegaConf.load(f) for f in files), {"presets": str(presets), **keys})
+    return Study.load(data, "paper study")
+
+
+@pytest.fixture(autouse=True)
+def no_paper_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("VARKD_PAPER_DATA", str(tmp_path / "paper-data"))
+
+
+def test_imagenet_study_imports_the_released_models(presets, tmp_path):
+    study = paper_study(presets, "imagenet.yaml")
+    kinds = Counter(type(job).__name__ for job in study.jobs.values())
+    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2
+    assert kinds["SampleJob"] == 8 * 17 and kinds["GatherSamplesJob"] == 17  # 15 runs + teacher + student init
+    assert "PrepareDataJob" not in kinds and "ClassifierJob" not in kinds and "TeacherLogitsJob" not in kinds
+    root, data = "results/imagenet/llamagen_L_B", tmp_path / "paper-data"
+    teacher, init = study.jobs[f"{root}/teacher/config.yaml"], study.jobs[f"{root}/student_init/config.yaml"]
+    assert teacher == ImportGPTJob(size="GPT-L", image_size=256, path=f"{data}/llamagen/c2i_L_256.pt",
+                                   out=f"{root}/teacher/teacher.pt")
+    assert (init.size, init.path) == ("GPT-B", f"{data}/llamagen/c2i_B_256.pt")
+    assert study.jobs["results/imagenet/data/tokenizer/config.yaml"] == ImportTokenizerJob(
+        name="VQ-16", path=f"{data}/llamagen/vq_ds16_c2i.pt", out="results/imagenet/data/tokenizer/tokenizer.pt")
+    shard = study.jobs["results/imagenet/data/codes/train/shards/shard3.yaml"]
+    assert (shard.augment, shard.shard, shard.num_shards, shard.image_size) == ("tencrop", 3, 64, 256)
+    assert study.jobs["results/imagenet/data/codes/val/shards/shard0.yaml"].augment == "none"
+
+    # ground-truth KD and teacher pools run the teacher live: no cache of 1.28M x 256 x 16,384 logits
+    for method in ("fkl", "seqkd", "varkd"):
+        run: TrainJob = study.jobs[f"{root}/{method}/seed0/config.yaml"]
+        assert run.teacher == f"{root}/teacher/teacher.pt" and run.teacher_logits is None, method
+        assert run.init == f"{root}/student_init/student.pt" and run.model.dim == 768 and run.model.block_size == 256
+        assert run.optim.compile and run.optim.grad_accum == 2
+    assert not study.jobs[f"{root}/seqkd/seed0/config.yaml"].pool_logits
+    # the study's method override reaches VarKD and the ablations derived from it
+    assert study.methods["varkd"].rollout.window == 16 and study.methods["varkd_no_clusters"].rollout.window == 16
+    assert study.methods["varkd_ar_rollouts"].rollout.sampler == "ar"
+
+    sample: SampleJob = study.jobs[f"{root}/teacher/samples/shard7.yaml"]
+    assert (sample.shard, sample.sample.num_samples, sample.sample.cfg_scale) == (7, 50000, 2.0)
+    gather: GatherSamplesJob = study.jobs[f"{root}/varkd/seed0/samples/gather.yaml"]
+    assert gather.shards == [f"{root}/varkd/seed0/samples/shard{i}.npz" for i in range(8)]
+    evaluate = study.jobs[f"{root}/varkd/seed0/evaluate.yaml"]
+    assert evaluate.classifier is None and evaluate.reference is None
+    assert evaluate.evaluate.reference_batch == f"{data}/VIRTUAL_imagenet256_labeled.npz"
+    assert "results/imagenet/real/metrics.json" not in study.metrics_files()  # no in-memory held-out split
+    # files the workflow does not make are not job inputs (a dry run works without them)
+    assert all(p not in job.inputs() or p in study.external for job in study.jobs.values() for p in study.external)
+    assert f"{data}/llamagen/c2i_L_256.pt" not in study.job_inputs(f"{root}/teacher/config.yaml")
+
+
+def test_missing_files_are_listed_together_and_found_when_present(presets, tmp_path):
+    study = paper_study(presets, "imagenet.yaml")
+    missing = study.missing_files()
+    data = tmp_path / "paper-data"
+    expected = ["llamagen/c2i_L_256.pt", "llamagen/c2i_B_256.pt", "llamagen/vq_ds16_c2i.pt",
+                "weights-inception-2015-12-05-6726825d.pth", "VIRTUAL_imagenet256_labeled.npz", "imagenet/train",
+                "imagenet/val"]
+    assert [line.split(": ")[0] for line in missing] == [f"{data}/{name}" for name in expected]
+    assert "huggingface.co/FoundationVision/LlamaGen/resolve/main/c2i_L_256.pt" in missing[0]
+    assert "torch-fidelity" in missing[3] and "guided-diffusion" in missing[4] and "ILSVRC2012" in missing[5]
+    for name in expected:
+        path = data / name
+        if "." in path.name:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True)
+    assert study.missing_files() == []
+
+
+def test_384px_pairs_and_unreleased_sizes(presets):
+    study = paper_study(presets, "imagenet.yaml", "imagenet-384.yaml")
+    xl = study.jobs["results/imagenet-384/llamagen_XL_B/teacher/config.yaml"]
+    assert (xl.size, Path(xl.path).name, xl.image_size) == ("GPT-XL", "c2i_XL_384.pt", 384)
+    run = study.jobs["results/imagenet-384/llamagen_XL_B/varkd/seed0/config.yaml"]
+    assert run.model.block_size == 576 and run.optim.grad_accum == 4
+    teacher_sample = study.jobs["results/imagenet-384/llamagen_XL_B/teacher/samples/shard0.yaml"]
+    assert teacher_sample.sample.cfg_scale == 1.75 and teacher_sample.sample.resize_to == 256
+    with pytest.raises(ConfigError, match=r"teacher_pretrained=GPT-XL has no released c2i file for data.image_size=256"):
+        paper_study(presets, "imagenet.yaml", backbones=["llamagen_XL_B"])
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"evaluate": {"reference_batch": None}}, "evaluate.reference_batch"),
+    ({"tokenizer": {"pretrained": None}}, "tokenizer.pretrained"),
+    ({"checkpoints": None}, "set checkpoints"),
+    ({"evaluate": {"weights": None}}, "set evaluate.weights"),
+    ({"method_overrides": {"varkdd": {"rollout.window": 8}}}, "method_overrides names no preset"),
+    ({"method_overrides": {"varkd": {"rollout.windw": 8}}}, "rollout.windw"),
+])
+def test_paper_scale_misconfigurations_name_the_key(presets, keys, message):
+    with pytest.raises(ConfigError, match=message):
+        paper_study(presets, "imagenet.yaml", **keys)
+
+
+def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(presets):
+    workdir = presets.parent
+    out = snakemake(workdir, "-n", "all_ablations", "--configfile", "config/imagenet.yaml").stdout
+    stats = dict(line.split() for line in out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:])
+    for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 2,
+                        "extract_code_shard": 128, "gather_codes": 2, "train_student": 15, "sample_shard": 136,
+                        "gather_samples": 17, "evaluate": 17, "aggregate": 3}.items():
+        assert int(stats[rule]) == count, rule
+    for rule in ("train_teacher", "pretrain_student", "prepare_data", "train_classifier", "evaluate_real"):
+        assert rule not in stats, rule
+
+    result = snakemake(workdir, "all_ablations", "--configfile", "config/imagenet.yaml", check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "7 local file(s) missing, nothing was run" in message
+    for name in ("c2i_L_256.pt", "c2i_B_256.pt", "vq_ds16_c2i.pt", "weights-inception-2015-12-05-6726825d.pth",
+                 "VIRTUAL_imagenet256_labeled.npz", "imagenet/train", "imagenet/val"):
+        assert name in message, name
+    assert not (workdir / "results" / "imagenet").exists()
