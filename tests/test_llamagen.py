@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varkd.checkpoints import load_llamagen_gpt, load_llamagen_vq
-from varkd.config import OptimConfig, TermConfig
+from varkd.checkpoints import import_tokenizer, load_gpt, load_llamagen_gpt, load_llamagen_vq, load_vq
+from varkd.cli import main
+from varkd.config import ImportGPTJob, ImportTokenizerJob, OptimConfig, TermConfig, to_yaml
 from varkd.distill import teacher_logits, term_loss
 from varkd.loop import autocast, make_optimizer
 from varkd.models.gpt import GPT, GPT_models, gpt_config
@@ -320,6 +321,19 @@ def test_gpt_b_samples_with_kv_cache_and_cfg(gpt_b_files):
     assert not model.has_caches
 
 
+@pytest.mark.slow
+def test_import_gpt_writes_a_checkpoint_the_workflow_loads(gpt_b_files, tmp_path):
+    """`varkd import-gpt`: the released file becomes teacher.pt / student.pt with the registry config the study
+    resolves for the backbone, and the same weights."""
+    path, state = gpt_b_files["fsdp"]
+    job = tmp_path / "import.yaml"
+    job.write_text(to_yaml(ImportGPTJob(size="GPT-B", image_size=384, path=str(path), out=str(tmp_path / "t.pt"))))
+    assert main(["import-gpt", str(job)]) == 0
+    model = load_gpt(tmp_path / "t.pt")
+    assert model.config == gpt_config("GPT-B", block_size=576)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 # --- VQ-16 --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_vq16_file_decodes_and_encodes(tmp_path):
@@ -331,3 +345,13 @@ def test_vq16_file_decodes_and_encodes(tmp_path):
         assert image.shape == (1, 3, 256, 256) and torch.isfinite(image).all()
         _, _, (_, _, indices) = model.encode(image.clamp(-1, 1))
     assert indices.shape == (256,) and 0 <= indices.min() and indices.max() < 16384
+
+
+@pytest.mark.slow
+def test_import_tokenizer(tmp_path):
+    state = random_state(vq16_shapes(), seed=2)
+    job = ImportTokenizerJob(name="VQ-16", path=str(save(tmp_path / "vq_ds16_c2i.pt", state)),
+                             out=str(tmp_path / "tokenizer.pt"))
+    import_tokenizer(job, torch.device("cpu"))
+    model = load_vq(job.out)
+    assert model.config == vq_config("VQ-16") and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
