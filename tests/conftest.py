@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from varkd.codes import save_code_set
 from varkd.config import MethodConfig, OptimConfig, TermConfig, TrainJob
-from varkd.io import atomic_save_npz
 from varkd.models.gpt import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ TINY = dict(dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_siz
 
 @pytest.fixture
 def codes(tmp_path):
-    """Synthetic code files: class c sequences prefer tokens near 5c (learnable, not trivial)."""
+    """Synthetic code sets train/ and val/ (one view): class c sequences prefer tokens near 5c (learnable)."""
     rng = np.random.default_rng(0)
 
     def make(n):
@@ -54,7 +54,7 @@ def codes(tmp_path):
 
     for split, n in (("train", 96), ("val", 24)):
         c, y = make(n)
-        atomic_save_npz(tmp_path / f"codes_{split}.npz", codes=c, labels=y)
+        save_code_set(tmp_path / split, c[:, None], y, vocab_size=16)
     return tmp_path
 
 
@@ -62,8 +62,8 @@ def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
     kd = kd or MethodConfig(terms=[TermConfig(divergence=method)])
     kw = {"model": GPTConfig(**TINY), "optim": OptimConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
                                                            checkpoint_every=4, log_every=1, precision="fp32"), **kw}
-    return TrainJob(study="t", backbone="tiny", method=method, seed=3, kd=kd, codes_train=str(codes / "codes_train.npz"),
-                    codes_val=str(codes / "codes_val.npz"), out_dir=str(out), **kw)
+    return TrainJob(study="t", backbone="tiny", method=method, seed=3, kd=kd, codes_train=str(codes / "train"),
+                    codes_val=str(codes / "val"), out_dir=str(out), **kw)
 
 
 def assert_summary_matches_metrics_files(results: Path, table: str) -> None:

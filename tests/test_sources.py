@@ -7,6 +7,7 @@ import torch
 
 from varkd import distill, sources
 from varkd.checkpoints import load_gpt
+from varkd.codes import CodeSet, load_code_set
 from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLogitsJob, TeacherPoolJob, TermConfig
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
@@ -16,9 +17,8 @@ from tests.conftest import TINY, job
 
 
 def step_data(method, student, teacher=None, n=48, batch=8):
-    sequences = torch.randint(0, 16, (n, 16))
-    labels = torch.arange(n) % 3
-    return sources.StepData(method, sequences, labels, BatchOrder(n, batch, seed=0), student=student, teacher=teacher,
+    sequences = CodeSet(torch.randint(0, 16, (n, 1, 16)).numpy(), np.arange(n) % 3, "test codes")
+    return sources.StepData(method, sequences, BatchOrder(n, batch, seed=0), student=student, teacher=teacher,
                             seed=5, total_steps=100, validation=lambda: 1.0, device=torch.device("cpu"))
 
 
@@ -74,7 +74,7 @@ def test_adaptive_capacity_must_hold_a_batch():
 
 def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypatch):
     teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=5, checkpoint_name="teacher.pt"))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "codes_train.npz"),
+    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
                                                   out=str(tmp_path / "logits.npy")))
     method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")],
                           adaptive=AdaptiveConfig(init_threshold=0.7, capacity=16, eval_every=3))
@@ -120,15 +120,17 @@ def test_two_term_method_logs_both_terms(codes, tmp_path):
 def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path):
     """The pool: teacher samples for the training labels (some null), their logits, and a run that reads both."""
     teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
-    codes_train = str(codes / "codes_train.npz")
-    x, y = distill.load_codes(codes_train)
+    codes_train = str(codes / "train")
+    train_set = load_code_set(codes_train)
+    x, y = train_set.batch(np.arange(train_set.N)), train_set.labels
     rollout = RolloutConfig(temperature=0.8, null_fraction=0.3, teacher_pool=True)
     pool_dir = tmp_path / "pool"
     distill.sample_teacher_pool(TeacherPoolJob(teacher=str(teacher_path), codes_train=codes_train, rollout=rollout,
                                                seed=0, out_dir=str(pool_dir), batch_size=7))
-    pool_codes, pool_labels = distill.load_codes(pool_dir / "pool.npz")
+    pool = load_code_set(pool_dir)
+    pool_codes, pool_labels = pool.batch(np.arange(pool.N)), pool.labels
     logits = np.load(pool_dir / "logits.npy")
-    assert pool_codes.shape == x.shape and logits.shape == (len(x), 16, 16)
+    assert pool.A == 1 and pool_codes.shape == x.shape and logits.shape == (len(x), 16, 16)
     null = pool_labels == 3
     assert torch.equal(pool_labels[~null], y[~null]) and 0 < null.sum() < len(y)
     teacher = load_gpt(teacher_path)
@@ -143,9 +145,9 @@ def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path
                                     teacher_pool=str(pool_dir)))
     train = torch.load(student, weights_only=True)["train"]
     assert train["teacher_forwards"] == 0 and train["rollouts"] == 0  # targets and sequences came from the pool
-    data = sources.StepData(method, x, y, BatchOrder(len(x), 8, seed=0), student=random_gpt(0), teacher=None, seed=0,
-                            total_steps=4, validation=lambda: 1.0, device=torch.device("cpu"),
-                            teacher_pool=(pool_codes, pool_labels))
+    data = sources.StepData(method, train_set, BatchOrder(len(x), 8, seed=0), student=random_gpt(0), teacher=None,
+                            seed=0, total_steps=4, validation=lambda: 1.0, device=torch.device("cpu"),
+                            teacher_pool=pool)
     batch = data(0, step=2)
     targets = distill.TeacherTargets(None, {"teacher_pool": str(pool_dir / "logits.npy")}, len(x), null_class=3)
     assert torch.equal(batch.codes, pool_codes[batch.index]) and torch.equal(batch.labels, pool_labels[batch.index])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from varkd import distill, sources
+from varkd.codes import load_code_set
 from varkd.checkpoints import load_gpt, save_model
 from varkd.config import OptimConfig, TeacherLogitsJob
 from varkd.loop import BatchOrder, Interrupted, lr_at, train
@@ -118,7 +119,8 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
                                                   out=str(tmp_path / "logits.npy")))
     cache = np.load(tmp_path / "logits.npy")
     teacher = load_gpt(teacher_path)
-    x, y = distill.load_codes(teacher_job.codes_train)
+    train_set = load_code_set(teacher_job.codes_train)
+    x, y = train_set.batch(np.arange(train_set.N)), train_set.labels
     with torch.no_grad():
         live = teacher(x[:5, :-1], y[:5])
         live_null = teacher(x[:5, :-1], torch.full_like(y[:5], 3))
@@ -151,8 +153,7 @@ def test_mismatched_vocabulary_fails_before_training(codes, tmp_path):
 
 def test_validation_nll_of_a_uniform_model_is_log_vocab(codes):
     model = GPT(GPTConfig(**TINY))  # output.weight is zero-initialised: uniform predictions
-    x, y = distill.load_codes(codes / "codes_val.npz")
-    assert distill.validation_nll(model, x, y) == pytest.approx(np.log(16), rel=1e-5)
+    assert distill.validation_nll(model, load_code_set(codes / "val")) == pytest.approx(np.log(16), rel=1e-5)
 
 
 def test_drop_labels_rate():

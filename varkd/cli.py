@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import checkpoints, clusters, distill, jobs
+from varkd import checkpoints, clusters, distill, imagefolder, jobs
 from varkd.loop import Interrupted
 
 
@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "prepare-data": (C.PrepareDataJob, jobs.prepare_data),
     "train-tokenizer": (C.TokenizerJob, jobs.train_tokenizer),
     "extract-codes": (C.ExtractCodesJob, jobs.extract_codes),
+    "index-images": (C.IndexImagesJob, imagefolder.index_images),
+    "extract-code-shard": (C.CodeShardJob, imagefolder.extract_code_shard),
+    "gather-codes": (C.GatherCodesJob, imagefolder.gather_codes),
     "train-classifier": (C.ClassifierJob, jobs.train_classifier),
     "cluster-codebook": (C.ClusterJob, clusters.cluster_codebook),
     "train": (C.TrainJob, distill.train_gpt),

@@ -6,6 +6,7 @@ labels are dropped once, when the batch is drawn, before either model runs.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -16,8 +17,9 @@ import torch
 from varkd import losses
 from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
+from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
 from varkd.config import TeacherLogitsJob, TeacherPoolJob, TermConfig, TrainJob, to_yaml
-from varkd.io import atomic_path, atomic_save_npz, load_npz, provenance
+from varkd.io import atomic_memmap, provenance
 from varkd.loop import BatchOrder, autocast, train
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
@@ -25,21 +27,27 @@ from varkd.sources import Batch, StepData
 from varkd.weighting import token_weights, weighted_mean
 
 
-def load_codes(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays = load_npz(path, ["codes", "labels"])
-    return torch.from_numpy(arrays["codes"].astype(np.int64)), torch.from_numpy(arrays["labels"].astype(np.int64))
-
-
-def check_codes(codes: torch.Tensor, labels: torch.Tensor, model: GPT, source: str, allow_null: bool = False) -> None:
+def check_codes(codes: CodeSet, model: GPT, allow_null: bool = False) -> None:
     """Fail before any compute if the codes do not fit the model (vocabulary, grid, classes)."""
     cfg = model.config
-    if codes.shape[1] != cfg.block_size:
-        raise ValueError(f"{source}: sequences of {codes.shape[1]} tokens, model block_size={cfg.block_size}")
-    if int(codes.max()) >= cfg.vocab_size:
-        raise ValueError(f"{source}: code {int(codes.max())} >= model vocab_size={cfg.vocab_size} "
+    if codes.T != cfg.block_size:
+        raise ValueError(f"{codes.source}: sequences of {codes.T} tokens, model block_size={cfg.block_size}")
+    low, high = codes.code_range()
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"{codes.source}: codes span [{low}, {high}], model vocab_size={cfg.vocab_size} "
                          "(tokenizer codebook and backbone vocabulary differ)")
-    if int(labels.max()) >= cfg.num_classes + int(allow_null):
-        raise ValueError(f"{source}: label {int(labels.max())} >= model num_classes={cfg.num_classes}")
+    labels = codes.labels
+    if int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes + int(allow_null):
+        raise ValueError(f"{codes.source}: labels span [{int(labels.min())}, {int(labels.max())}], model "
+                         f"num_classes={cfg.num_classes}")
+
+
+def require_one_view(codes: CodeSet, cache: str) -> None:
+    """The ground-truth logits cache holds one sequence per image: augmented views have no cached logits."""
+    if codes.A > 1:
+        raise ValueError(f"{cache}: ground-truth teacher logits are cached for one view per image, but "
+                         f"{codes.source} holds {codes.A} augmented views per image; without the cache "
+                         "(cache_teacher_logits: false) the teacher scores ground-truth batches live")
 
 
 class TeacherTargets:
@@ -89,19 +97,20 @@ def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def validation_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
-                   device: torch.device = torch.device("cpu"), precision: str = "fp32") -> float:
-    """Mean negative log-likelihood per code (nats) of held-out sequences, conditional labels."""
+def validation_nll(model: GPT, codes: CodeSet, batch_size: int = 256, device: torch.device = torch.device("cpu"),
+                   precision: str = "fp32") -> float:
+    """Mean negative log-likelihood per code (nats) of held-out sequences (view 0), conditional labels."""
     was_training = model.training
     model.eval()
     total = 0.0
-    for i in range(0, len(codes), batch_size):
-        x, y = codes[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+    for i in range(0, codes.N, batch_size):
+        rows = np.arange(i, min(i + batch_size, codes.N))
+        x, y = codes.batch(rows).to(device), codes.labels[rows].to(device)
         with autocast(device, precision):
             logits = model(x[:, :-1], y)
         total += losses.cross_entropy(logits, x).sum().item()
     model.train(was_training)
-    return total / codes.numel()
+    return total / (codes.N * codes.T)
 
 
 def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
@@ -138,16 +147,17 @@ def load_teacher(path: str, student: GPTConfig, device: torch.device) -> GPT:
 def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path:
     """Train `job.model` under the method `job.kd` and write `out_dir/checkpoint_name`."""
     torch.manual_seed(job.seed)
-    codes, labels = load_codes(job.codes_train)
-    val_codes, val_labels = load_codes(job.codes_val)
+    codes, val_codes = load_code_set(job.codes_train), load_code_set(job.codes_val)
+    if job.teacher_logits:
+        require_one_view(codes, job.teacher_logits)
     model = GPT(job.model).to(device)
     if job.init:  # a resumed run then loads its own checkpoint over these weights
         init = load_gpt(job.init, "student init checkpoint")
         if init.config != model.config:
             raise ValueError(f"student init {job.init} has config {init.config}, the run's model {model.config}")
         model.load_state_dict(init.state_dict())
-    check_codes(codes, labels, model, job.codes_train)
-    check_codes(val_codes, val_labels, model, job.codes_val)
+    check_codes(codes, model)
+    check_codes(val_codes, model)
     kd = job.kd
     teacher = load_teacher(job.teacher, job.model, device) if job.teacher else None
     if kd.needs_live_teacher and teacher is None:
@@ -156,23 +166,27 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
         raise ValueError(f"method {job.method!r} distils on ground truth: give teacher_logits or teacher")
 
     def validation() -> float:
-        return validation_nll(model, val_codes, val_labels, device=device)
+        return validation_nll(model, val_codes, device=device)
 
     pool = None
     if kd.uses_teacher_pool:
         if job.teacher_pool is None:
             raise ValueError(f"method {job.method!r} sets rollout.teacher_pool: TrainJob.teacher_pool is unset")
-        pool = load_codes(f"{job.teacher_pool}/pool.npz")
-        if len(pool[0]) != len(codes):
-            raise ValueError(f"{job.teacher_pool}/pool.npz has {len(pool[0])} sequences, the training set {len(codes)}")
-        check_codes(pool[0], pool[1], model, f"{job.teacher_pool}/pool.npz", allow_null=True)
+        pool = load_code_set(job.teacher_pool)
+        if pool.N != codes.N:
+            raise ValueError(f"{pool.source} has {pool.N} sequences, the training set {codes.N}")
+        check_codes(pool, model, allow_null=True)
+        scored = any(t.data == "teacher" and t.uses_teacher_logits for t in kd.terms)
+        if scored and not job.pool_logits and teacher is None:
+            raise ValueError(f"method {job.method!r} distils on the teacher pool {job.teacher_pool} without its "
+                             "logits (pool_logits: false), so the teacher scores it live: TrainJob.teacher is unset")
 
-    data = StepData(kd, codes, labels, BatchOrder(len(codes), job.optim.batch_size, job.seed), student=model,
-                    teacher=teacher, seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device,
+    data = StepData(kd, codes, BatchOrder(codes.N, job.optim.batch_size, job.seed), student=model, teacher=teacher,
+                    seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device,
                     teacher_pool=pool)
-    caches = {"ground_truth": job.teacher_logits,
-              "teacher_pool": f"{job.teacher_pool}/logits.npy" if pool is not None else None}
-    targets = TeacherTargets(teacher, caches, len(codes), job.model.num_classes, data.counts)
+    pool_logits = f"{job.teacher_pool}/logits.npy" if pool is not None and job.pool_logits else None
+    caches = {"ground_truth": job.teacher_logits, "teacher_pool": pool_logits}
+    targets = TeacherTargets(teacher, caches, codes.N, job.model.num_classes, data.counts)
     clusters = None
     if kd.uses_clusters:
         if job.clusters is None:
@@ -211,47 +225,45 @@ def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.dev
     Ground-truth KD sees the same sequences every epoch, so the teacher runs once per backbone instead of once
     per student step (the dominant cost of FKL at the embedded scale).
     """
+    codes = load_code_set(job.codes_train)
+    require_one_view(codes, job.out)
     teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
-    codes, labels = load_codes(job.codes_train)
-    check_codes(codes, labels, teacher, job.codes_train)
+    check_codes(codes, teacher)
     cfg = teacher.config
-    with atomic_path(job.out, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                        shape=(len(codes), 2, cfg.block_size, cfg.vocab_size))
-        for i in range(0, len(codes), job.batch_size):
-            x, y = codes[i : i + job.batch_size].to(device), labels[i : i + job.batch_size].to(device)
+    with atomic_memmap(job.out, (codes.N, 2, cfg.block_size, cfg.vocab_size), np.float16) as out:
+        for i in range(0, codes.N, job.batch_size):
+            rows = np.arange(i, min(i + job.batch_size, codes.N))
+            x, y = codes.batch(rows).to(device), codes.labels[rows].to(device)
             for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
-                out[i : i + len(x), slot] = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
-        out.flush()
-        del out
+                out[i : i + len(rows), slot] = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
 
 
 @torch.no_grad()
 def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device("cpu")) -> None:
-    """One teacher sample per training label (null with probability null_fraction), and its logits [N, T, V].
+    """One teacher sample per training label (null with probability null_fraction): a code set [N, 1, T], and
+    with `job.logits` the teacher's logits on it, logits.npy [N, T, V] float16.
 
     Shared by every run whose method trains on teacher samples with these rollout settings, across students and
-    seeds; logits.npy is written before pool.npz, so a complete-looking pool always has its logits.
+    seeds; logits.npy is written before the code set, so a complete-looking pool always has its logits.
     """
     teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
     cfg, r = teacher.config, job.rollout
-    codes_train, labels = load_codes(job.codes_train)
-    check_codes(codes_train, labels, teacher, job.codes_train)
+    train_set = load_code_set(job.codes_train)
+    check_codes(train_set, teacher)
     rng = np.random.default_rng(job.seed)
-    labels = labels.clone()
+    labels = train_set.labels.clone()
     labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
     generator = torch.Generator(device).manual_seed(job.seed)
-    codes = torch.empty(len(labels), cfg.block_size, dtype=torch.long)
     out_dir = Path(job.out_dir)
-    with atomic_path(out_dir / "logits.npy", suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                        shape=(len(labels), cfg.block_size, cfg.vocab_size))
+    with ExitStack() as files:  # closed in reverse: logits.npy lands before the code set
+        codes = files.enter_context(code_set_writer(out_dir, labels.numpy(), 1, cfg.block_size,
+                                                    code_dtype(cfg.vocab_size)))
+        shape = (len(labels), cfg.block_size, cfg.vocab_size)
+        logits = files.enter_context(atomic_memmap(out_dir / "logits.npy", shape, np.float16)) if job.logits else None
         for i in range(0, len(labels), job.batch_size):
             y = labels[i : i + job.batch_size].to(device)
             x = generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
                          top_p=r.top_p, generator=generator)
-            codes[i : i + len(y)] = x.cpu()
-            out[i : i + len(y)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
-        out.flush()
-        del out
-    atomic_save_npz(out_dir / "pool.npz", codes=codes.numpy().astype(np.int32), labels=labels.numpy())
+            codes[i : i + len(y), 0] = x.cpu().numpy()
+            if logits is not None:
+                logits[i : i + len(y)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)

@@ -54,6 +54,15 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+@contextmanager
+def atomic_memmap(path: str | Path, shape: tuple[int, ...], dtype) -> Iterator[np.ndarray]:
+    """A writable .npy memory map, filled in the block and renamed onto `path` only if the block succeeds."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield out
+        out.flush()
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True and an error that names the file and what it should be."""
     path = Path(path)

@@ -11,10 +11,11 @@ import torch
 from varkd.aggregate import TRAIN_COSTS
 from varkd.checkpoints import load_gpt, load_model, load_vq, save_model
 from varkd.classifier import Classifier, accuracy, classifier_loss
+from varkd.codes import load_code_set, save_code_set
 from varkd.config import (ClassifierJob, EvaluateJob, ExtractCodesJob, PrepareDataJob, SampleJob, TokenizerJob,
                           to_yaml)
 from varkd.data import load_splits, read_split, save_splits
-from varkd.distill import load_codes, validation_nll
+from varkd.distill import check_codes, validation_nll
 from varkd.images import to_model_input
 from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance
 from varkd.loop import BatchOrder, train
@@ -58,15 +59,14 @@ def train_tokenizer(job: TokenizerJob, device: torch.device) -> None:
 
 
 def extract_codes(job: ExtractCodesJob, device: torch.device) -> None:
-    """Codes of every image, one file per split: codes int32 [N, h*w] (raster order), labels int64 [N]."""
+    """Codes of every image, one code set per split (out_dir/train, out_dir/val), each image once (A = 1)."""
     vq = load_vq(job.tokenizer).to(device)
     for split in ("train", "val"):
         images = read_split(job.images, split)
         codes = vq.encode_to_codes(images.images, job.batch_size)
         used = len(torch.unique(codes))
-        atomic_save_npz(Path(job.out_dir) / f"codes_{split}.npz", codes=codes.numpy().astype(np.int32),
-                        labels=images.labels)
-        print(f"codes_{split}: {tuple(codes.shape)}, {used} of {vq.config.codebook_size} codes used")
+        save_code_set(Path(job.out_dir) / split, codes[:, None].numpy(), images.labels, vq.config.codebook_size)
+        print(f"codes {split}: {tuple(codes.shape)}, {used} of {vq.config.codebook_size} codes used")
 
 
 def train_classifier(job: ClassifierJob, device: torch.device) -> None:
@@ -140,8 +140,9 @@ def evaluate(job: EvaluateJob, device: torch.device) -> None:
                                   isc_splits=job.evaluate.isc_splits, seed=job.seed))
     if job.checkpoint:
         model, ckpt = load_model(job.checkpoint, GPTConfig, GPT, "GPT checkpoint")
-        codes, labels = load_codes(job.codes_val)
-        result["val_nll"] = validation_nll(model.eval().to(device), codes, labels, device=device)
+        codes = load_code_set(job.codes_val)
+        check_codes(codes, model)
+        result["val_nll"] = validation_nll(model.eval().to(device), codes, device=device)
         train_summary = ckpt.get("train", {})  # cost of the run, to set quality against
         for key in TRAIN_COSTS:
             result[f"train_{key}"] = train_summary.get(key)

@@ -1,9 +1,11 @@
 """Where a KD step's sequences come from (design section 2, the data-source axis).
 
-ground_truth: codes of real images. teacher / student: sequences sampled by that model (no gradient, eval mode,
-the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); teacher samples may instead come from a pool drawn once
-(`rollout.teacher_pool`), read like the ground truth. mixed: GKD's on-policy fraction lambda. adaptive:
-DistiLLM's schedule over fresh student samples, a replay buffer of them, and ground truth.
+ground_truth: codes of real images, each sequence one of its image's augmented views drawn uniformly (LlamaGen's
+ten-crop; a code set of one view has nothing to draw). teacher / student: sequences sampled by that model (no
+gradient, eval mode, the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); teacher
+samples may instead come from a pool drawn once (`rollout.teacher_pool`), read like the ground truth. mixed: GKD's
+on-policy fraction lambda. adaptive: DistiLLM's schedule over fresh student samples, a replay buffer of them, and
+ground truth.
 
 Every random choice of a step is seeded by (seed, step, term), so a resumed run draws exactly what an
 uninterrupted one would; the schedule and the buffer are checkpointed with the run.
@@ -16,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from varkd.codes import CodeSet
 from varkd.config import MethodConfig
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT
@@ -40,12 +43,11 @@ def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor
 class StepData:
     """Draws the batch of each loss term at each step."""
 
-    def __init__(self, method: MethodConfig, codes: torch.Tensor, labels: torch.Tensor, order: BatchOrder, *,
-                 student: GPT, teacher: Optional[GPT], seed: int, total_steps: int,
-                 validation: Callable[[], float], device: torch.device,
-                 teacher_pool: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        self.method, self.codes, self.labels, self.order = method, codes, labels, order
-        self.teacher_pool = teacher_pool  # (codes, labels) aligned with the training rows
+    def __init__(self, method: MethodConfig, codes: CodeSet, order: BatchOrder, *, student: GPT,
+                 teacher: Optional[GPT], seed: int, total_steps: int, validation: Callable[[], float],
+                 device: torch.device, teacher_pool: Optional[CodeSet] = None):
+        self.method, self.codes, self.labels, self.order = method, codes, codes.labels, order
+        self.teacher_pool = teacher_pool  # aligned with the training rows
         self.student, self.teacher, self.seed, self.device = student, teacher, seed, device
         self.validation = validation
         self.null_class = student.config.num_classes
@@ -71,16 +73,17 @@ class StepData:
         elif source == "adaptive":
             return self._adaptive(step, rng, generator)
         if source == "ground_truth":
-            return self.ground_truth(step)
+            return self.ground_truth(step, rng)
         if source == "teacher" and self.teacher_pool is not None:
             index = self.order(step)
-            return Batch(self.teacher_pool[0][index], self.teacher_pool[1][index], index, "teacher_pool")
+            return Batch(self.teacher_pool.batch(index), self.teacher_pool.labels[index], index, "teacher_pool")
         return self.rollout(self.student if source == "student" else self.teacher, step, rng, generator)
 
-    def ground_truth(self, step: int) -> Batch:
+    def ground_truth(self, step: int, rng: np.random.Generator) -> Batch:
         index = self.order(step)
+        views = rng.integers(self.codes.A, size=len(index)) if self.codes.A > 1 else None
         labels = drop_labels(self.labels[index], self.class_dropout, self.null_class)
-        return Batch(self.codes[index], labels, index)
+        return Batch(self.codes.batch(index, views), labels, index)
 
     def rollout(self, model: GPT, step: int, rng: np.random.Generator, generator: torch.Generator) -> Batch:
         """Sample sequences for the step's classes (a null_fraction of them unconditional)."""
@@ -112,7 +115,7 @@ class StepData:
             codes, labels = self.buffer.sample(self.order.batch_size, rng)
             self.counts["replayed"] += 1
             return Batch(codes, labels)
-        return self.ground_truth(step)
+        return self.ground_truth(step, rng)
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule.state_dict(), "buffer": self.buffer.state_dict(), "counts": dict(self.counts)}
