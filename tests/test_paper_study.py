@@ -110,7 +110,7 @@ def test_paper_scale_misconfigurations_name_the_key(presets, keys, message):
 
 def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(presets):
     workdir = presets.parent
-    out = snakemake(workdir, "-n", "all_ablations", "--configfile", "config/imagenet.yaml").stdout
+    out = snakemake(workdir, "-n", "all_ablations", "--configfile", str(presets / "imagenet.yaml")).stdout
     stats = dict(line.split() for line in out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:])
     for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 2,
                         "extract_code_shard": 128, "gather_codes": 2, "train_student": 15, "sample_shard": 136,
@@ -119,7 +119,7 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
     for rule in ("train_teacher", "pretrain_student", "prepare_data", "train_classifier", "evaluate_real"):
         assert rule not in stats, rule
 
-    result = snakemake(workdir, "all_ablations", "--configfile", "config/imagenet.yaml", check=False)
+    result = snakemake(workdir, "all_ablations", "--configfile", str(presets / "imagenet.yaml"), check=False)
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "7 local file(s) missing, nothing was run" in message
@@ -127,3 +127,37 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
                  "VIRTUAL_imagenet256_labeled.npz", "imagenet/train", "imagenet/val"):
         assert name in message, name
     assert not (workdir / "results" / "imagenet").exists()
+
+
+@pytest.mark.slow
+def test_workflow_extracts_imagenet_codes_in_shards(presets, tmp_path, monkeypatch):
+    """The paper-scale data rules for real: the released tokenizer imported (VQ-16 layout, random weights), a tiny
+    ImageFolder tree indexed, ten-crop codes extracted by 2 shard jobs per split and gathered into code sets."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_llamagen import random_state, save, vq16_shapes
+    from varkd.codes import load_code_set
+
+    data = tmp_path / "paper-data"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 2), ("val", 1)):
+        for name in ("n01", "n02"):
+            folder = data / "imagenet" / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (260 + 10 * i, 300, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG")
+    (data / "llamagen").mkdir()
+    save(data / "llamagen" / "vq_ds16_c2i.pt", random_state(vq16_shapes()))
+    for name in ("llamagen/c2i_L_256.pt", "llamagen/c2i_B_256.pt", "weights-inception-2015-12-05-6726825d.pth",
+                 "VIRTUAL_imagenet256_labeled.npz"):
+        (data / name).touch()  # present (the check is for presence); these targets do not read them
+    (presets / "small.yaml").write_text("codes: {num_shards: 2, batch_size: 10}\n")
+    targets = [f"results/imagenet/data/codes/{split}/codes.npy" for split in ("train", "val")]
+    snakemake(presets.parent, *targets, "--configfile", str(presets / "imagenet.yaml"), str(presets / "small.yaml"))
+    train = load_code_set(presets.parent / "results/imagenet/data/codes/train")
+    val = load_code_set(presets.parent / "results/imagenet/data/codes/val")
+    assert (train.N, train.A, train.T) == (4, 10, 256) and (val.N, val.A, val.T) == (2, 1, 256)
+    assert train.labels.tolist() == [0, 0, 1, 1] and val.labels.tolist() == [0, 1]
+    assert len(list((presets.parent / "results/imagenet/data/codes/train/shards").glob("shard*.npz"))) == 2
