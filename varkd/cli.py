@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
     "teacher-pool": (C.TeacherPoolJob, distill.sample_teacher_pool),
     "sample": (C.SampleJob, jobs.sample),
+    "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
 }
 
