@@ -188,21 +188,35 @@ def gather_samples(job: GatherSamplesJob, device: torch.device) -> None:
 
 
 def evaluate(job: EvaluateJob, device: torch.device) -> None:
-    """FID / IS / precision / recall against the held-out images, plus the model's validation NLL."""
-    from varkd.metrics import compute_metrics
+    """FID / IS / precision / recall, plus the model's validation NLL. The real side is ADM's reference batch
+    (evaluate.reference_batch, scored as ADM's evaluator does: IS splits of 5,000, so evaluate.isc_splits is unused)
+    when set, else the held-out split of job.reference. The real side and the extractor's weights are checked
+    before the samples are read."""
+    from varkd.metrics import compute_metrics, local_weights, read_reference_batch, reference_batch_metrics
 
-    start = time.perf_counter()
+    start, cfg = time.perf_counter(), job.evaluate
+    weights = cfg.weights or job.classifier
+    if cfg.reference_batch:
+        if cfg.kid:
+            raise ValueError("evaluate.kid is not computed against a reference batch (ADM's evaluator has no KID)")
+        reference = read_reference_batch(cfg.reference_batch)
+    elif job.reference is None:
+        raise ValueError("an evaluate job needs reference (an images.npz) or evaluate.reference_batch")
+    local_weights(cfg.feature_extractor, weights)
     generated = load_npz(job.samples, [job.samples_key])[job.samples_key]
     if job.num_samples and len(generated) > job.num_samples:
         pick = np.random.default_rng(job.seed).choice(len(generated), job.num_samples, replace=False)
         generated = generated[np.sort(pick)]
-    real = read_split(job.reference, "val").images
-    weights = job.evaluate.weights or job.classifier
     result = {**job.identity}
-    result.update(compute_metrics(generated, real, feature_extractor=job.evaluate.feature_extractor,
-                                  weights_path=weights, device=device.type, kid=job.evaluate.kid,
-                                  prc_neighborhood=job.evaluate.prc_neighborhood,
-                                  isc_splits=job.evaluate.isc_splits, seed=job.seed))
+    if cfg.reference_batch:
+        result.update(reference_batch_metrics(generated, reference, feature_extractor=cfg.feature_extractor,
+                                              weights_path=weights, device=device.type,
+                                              prc_neighborhood=cfg.prc_neighborhood))
+    else:
+        real = read_split(job.reference, "val").images
+        result.update(compute_metrics(generated, real, feature_extractor=cfg.feature_extractor, weights_path=weights,
+                                      device=device.type, kid=cfg.kid, prc_neighborhood=cfg.prc_neighborhood,
+                                      isc_splits=cfg.isc_splits, seed=job.seed))
     if job.checkpoint:
         model, ckpt = load_model(job.checkpoint, GPTConfig, GPT, "GPT checkpoint")
         codes, labels = load_codes(job.codes_val)
