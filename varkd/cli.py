@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "import-gpt": (C.ImportGPTJob, checkpoints.import_gpt),
     "import-tokenizer": (C.ImportTokenizerJob, checkpoints.import_tokenizer),
     "sample": (C.SampleJob, jobs.sample),
+    "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
 }
 

@@ -304,6 +304,9 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _check_positive(self, "prc_neighborhood", "isc_splits")
+        if self.reference_batch and self.kid:
+            raise ConfigError("evaluate.kid needs the real images' features; with evaluate.reference_batch (stored "
+                              "statistics) set kid: false")
 
 
 @dataclass

@@ -364,8 +364,12 @@ class VQModel(nn.Module):
         return torch.cat(out)
 
     @torch.no_grad()
-    def decode_to_uint8(self, codes, batch_size: int = 256) -> torch.Tensor:
-        """Codes [N, h*w] (square grid, raster order) -> uint8 NHWC images on the CPU."""
+    def decode_to_uint8(self, codes, batch_size: int = 256, size: int = 0) -> torch.Tensor:
+        """Codes [N, h*w] (square grid, raster order) -> uint8 NHWC images on the CPU.
+
+        size > 0: the decoded floats are resized bicubic to size x size before the uint8 conversion, as LlamaGen
+        evaluates its 384px models at 256 (`F.interpolate(..., mode="bicubic")`, then the same clamp and cast).
+        """
         codes = torch.as_tensor(codes, dtype=torch.long)
         side = math.isqrt(codes.shape[1])
         if codes.dim() != 2 or side * side != codes.shape[1]:
@@ -377,6 +381,8 @@ class VQModel(nn.Module):
             for i in range(0, codes.shape[0], batch_size):
                 c = codes[i:i + batch_size].to(device)
                 x = self.decode_code(c, shape=(c.shape[0], self.config.codebook_embed_dim, side, side))
+                if size:
+                    x = F.interpolate(x, size=(size, size), mode="bicubic")
                 out.append(to_uint8(x).cpu())
         finally:
             self.train(was_training)
