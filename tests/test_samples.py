@@ -77,7 +77,13 @@ def test_three_shards_gather_into_the_label_order(models, tmp_path):
     assert gathered["arr_0"].dtype == np.uint8 and gathered["arr_0"].shape == (6, 32, 32, 3)
     assert np.array_equal(gathered["arr_0"], np.concatenate([p["arr_0"] for p in parts]))
     assert gathered["sample_seconds"] == pytest.approx(sum(float(p["sample_seconds"]) for p in parts))
-    assert (tmp_path / "gathered" / "grid.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "gathered" / "grid.png")  # 2 classes x 2 samples of 32px, scaled 4x, padding 2
+    assert grid.size == (4 * (2 * 34 + 2), 4 * (2 * 34 + 2))
+    job.grid_classes, job.out_dir = 1, str(tmp_path / "one-class")
+    gather_samples(job, CPU)
+    assert Image.open(tmp_path / "one-class" / "grid.png").size == (4 * (2 * 34 + 2), 4 * (34 + 2))
 
 
 def test_gathered_file_loads_like_savez(tmp_path):
