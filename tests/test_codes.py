@@ -244,3 +244,23 @@ def test_pool_without_logits_is_scored_by_the_live_teacher(codes, tmp_path):
                                 teacher_pool=str(pool_dir), pool_logits=False))
     train = torch.load(run, weights_only=True)["train"]
     assert train["teacher_forwards"] == 3 and train["rollouts"] == 0  # pool sequences, live teacher targets
+
+
+def test_sharded_teacher_pool_gathers_to_a_pool_of_the_same_labels(codes, tmp_path):
+    teacher = distill.train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
+    rollout = RolloutConfig(null_fraction=0.3, teacher_pool=True)
+    base = TeacherPoolJob(teacher=str(teacher), codes_train=str(codes / "train"), rollout=rollout, seed=5,
+                          out_dir=str(tmp_path / "whole"), logits=False, batch_size=32)
+    distill.sample_teacher_pool(base)
+    sharded = dict(out_dir=str(tmp_path / "sharded"), num_shards=3)
+    for i in range(3):
+        distill.sample_teacher_pool(TeacherPoolJob(**{**base.__dict__, **sharded, "shard": i}))
+    shards = [str(tmp_path / "sharded" / "shards" / f"shard{i}.npz") for i in range(3)]
+    imagefolder.gather_codes(GatherCodesJob(shards=shards, out_dir=str(tmp_path / "sharded")))
+    whole, gathered = load_code_set(tmp_path / "whole"), load_code_set(tmp_path / "sharded")
+    assert (gathered.N, gathered.A, gathered.T) == (whole.N, 1, 16)
+    assert torch.equal(gathered.labels, whole.labels)  # the same null draws: only the sampling streams differ
+    low, high = gathered.code_range()
+    assert (gathered.labels == 3).sum() > 0 and 0 <= low and high < 16
+    with pytest.raises(ValueError, match="sharded teacher pool stores no logits"):
+        distill.sample_teacher_pool(TeacherPoolJob(**{**base.__dict__, **sharded, "logits": True}))

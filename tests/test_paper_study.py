@@ -25,7 +25,7 @@ def no_paper_data(monkeypatch, tmp_path):
 def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     study = paper_study(presets, "imagenet.yaml")
     kinds = Counter(type(job).__name__ for job in study.jobs.values())
-    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2
+    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2 + 2  # + 2 pools
     assert kinds["SampleJob"] == 8 * 17 and kinds["GatherSamplesJob"] == 17  # 15 runs + teacher + student init
     assert "PrepareDataJob" not in kinds and "ClassifierJob" not in kinds and "TeacherLogitsJob" not in kinds
     root, data = "results/imagenet/llamagen_L_B", tmp_path / "paper-data"
@@ -46,6 +46,10 @@ def test_imagenet_study_imports_the_released_models(presets, tmp_path):
         assert run.init == f"{root}/student_init/student.pt" and run.model.dim == 768 and run.model.block_size == 256
         assert run.optim.compile and run.optim.grad_accum == 2
     assert not study.jobs[f"{root}/seqkd/seed0/config.yaml"].pool_logits
+    pool = study.jobs[f"{root}/seqkd/seed0/config.yaml"].teacher_pool
+    gather = study.jobs[f"{pool}/config.yaml"]  # 32 shard jobs draw the 1.28M-sample pool, one gathers it
+    assert gather.out_dir == pool and len(gather.shards) == 32
+    assert study.jobs[gather.shards[31].replace(".npz", ".yaml")].shard == 31
     # the study's method override reaches VarKD and the ablations derived from it
     assert study.methods["varkd"].rollout.window == 16 and study.methods["varkd_no_clusters"].rollout.window == 16
     assert study.methods["varkd_ar_rollouts"].rollout.sampler == "ar"
@@ -102,6 +106,7 @@ def test_384px_pairs_and_unreleased_sizes(presets):
     ({"evaluate": {"weights": None}}, "set evaluate.weights"),
     ({"method_overrides": {"varkdd": {"rollout.window": 8}}}, "method_overrides names no preset"),
     ({"method_overrides": {"varkd": {"rollout.windw": 8}}}, "rollout.windw"),
+    ({"cache_teacher_logits": True}, "a sharded pool stores no logits"),
 ])
 def test_paper_scale_misconfigurations_name_the_key(presets, keys, message):
     with pytest.raises(ConfigError, match=message):
@@ -114,7 +119,8 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
     stats = dict(line.split() for line in out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:])
     for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 2,
                         "extract_code_shard": 128, "gather_codes": 2, "train_student": 15, "sample_shard": 136,
-                        "gather_samples": 17, "evaluate": 17, "aggregate": 3}.items():
+                        "gather_samples": 17, "evaluate": 17, "aggregate": 3, "teacher_pool_shard": 64,
+                        "gather_teacher_pool": 2}.items():
         assert int(stats[rule]) == count, rule
     for rule in ("train_teacher", "pretrain_student", "prepare_data", "train_classifier", "evaluate_real"):
         assert rule not in stats, rule

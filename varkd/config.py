@@ -438,6 +438,7 @@ class StudyConfig:
     # Teacher logits on every training sequence ([N, 2, T, V] float16) and on teacher pools, computed once. Paper
     # scale: false (terabytes at 1.28M sequences x 16,384 codes); ground-truth and pool KD run the teacher live.
     cache_teacher_logits: bool = True
+    teacher_pool_shards: int = 1  # jobs a teacher pool is drawn in (needs cache_teacher_logits: false)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Per method preset, dotted keys set in it and in every preset derived from it (base:), e.g. a GPU-sized SJD
@@ -453,6 +454,9 @@ class StudyConfig:
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key} has duplicates: {values}")
+        if self.teacher_pool_shards < 1 or (self.teacher_pool_shards > 1 and self.cache_teacher_logits):
+            raise ConfigError(f"teacher_pool_shards={self.teacher_pool_shards}: must be >= 1, and 1 while "
+                              "cache_teacher_logits is true (a sharded pool stores no logits)")
         for reserved in ("teacher", "student_init"):
             if reserved in self.methods + self.baselines + self.ablations:
                 raise ConfigError(f"{reserved!r} is reserved for the backbone's own runs; it cannot be a method name")
@@ -643,6 +647,8 @@ class TeacherPoolJob:
     out_dir: str = "???"  # a code set (codes [N, 1, T], labels [N]) and, when logits, logits.npy (float16 [N, T, V])
     logits: bool = True
     batch_size: int = 250
+    shard: int = 0  # of num_shards > 1: out_dir/shards/shard<i>.npz, gathered into the code set by GatherCodesJob
+    num_shards: int = 1
 
     def inputs(self) -> list[str]:
         return [self.teacher, *code_set_files(self.codes_train)]

@@ -19,7 +19,7 @@ from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
 from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
 from varkd.config import TeacherLogitsJob, TeacherPoolJob, TermConfig, TrainJob, to_yaml
-from varkd.io import atomic_memmap, provenance
+from varkd.io import atomic_memmap, atomic_save_npz, provenance
 from varkd.loop import BatchOrder, autocast, train
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
@@ -245,6 +245,8 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
 
     Shared by every run whose method trains on teacher samples with these rollout settings, across students and
     seeds; logits.npy is written before the code set, so a complete-looking pool always has its logits.
+    With num_shards > 1 (ImageNet: 1.28M samples) this job draws shard `job.shard` of the labels into
+    out_dir/shards/shard<i>.npz, which gather-codes joins into the code set.
     """
     teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
     cfg, r = teacher.config, job.rollout
@@ -253,6 +255,8 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
     rng = np.random.default_rng(job.seed)
     labels = train_set.labels.clone()
     labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
+    if job.num_shards > 1:
+        return _sample_teacher_pool_shard(job, teacher, labels, device)
     generator = torch.Generator(device).manual_seed(job.seed)
     out_dir = Path(job.out_dir)
     with ExitStack() as files:  # closed in reverse: logits.npy lands before the code set
@@ -267,3 +271,21 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
             codes[i : i + len(y), 0] = x.cpu().numpy()
             if logits is not None:
                 logits[i : i + len(y)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
+
+
+def _sample_teacher_pool_shard(job: TeacherPoolJob, teacher: GPT, labels: torch.Tensor, device: torch.device) -> None:
+    """One contiguous slice of the pool's labels (np.array_split), with its own seeded stream."""
+    if job.logits:
+        raise ValueError("a sharded teacher pool stores no logits (TeacherPoolJob.logits must be false)")
+    if not 0 <= job.shard < job.num_shards:
+        raise ValueError(f"shard {job.shard} is not one of num_shards={job.num_shards}")
+    r, cfg = job.rollout, teacher.config
+    part = torch.from_numpy(np.array_split(labels.numpy(), job.num_shards)[job.shard])
+    seed = int(np.random.SeedSequence([job.seed, job.shard]).generate_state(1, np.uint64)[0])
+    generator = torch.Generator(device).manual_seed(seed)
+    codes = np.empty((len(part), 1, cfg.block_size), dtype=code_dtype(cfg.vocab_size))
+    for i in range(0, len(part), job.batch_size):
+        y = part[i : i + job.batch_size].to(device)
+        codes[i : i + len(y), 0] = generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature,
+                                            top_k=r.top_k, top_p=r.top_p, generator=generator).cpu().numpy()
+    atomic_save_npz(Path(job.out_dir) / "shards" / f"shard{job.shard}.npz", codes=codes, labels=part.numpy())

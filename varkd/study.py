@@ -478,9 +478,16 @@ class Study:
             rollout = RolloutConfig(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                     null_fraction=r.null_fraction, teacher_pool=True)
             pool = self.teacher_pool_dir(run.backbone, rollout)
-            self.jobs[f"{pool}/config.yaml"] = TeacherPoolJob(
-                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=rollout,
-                seed=self.backbones[run.backbone].teacher_seed, out_dir=pool, logits=self.cfg.cache_teacher_logits)
+            pool_job = TeacherPoolJob(teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=rollout,
+                                      seed=self.backbones[run.backbone].teacher_seed, out_dir=pool,
+                                      logits=self.cfg.cache_teacher_logits, num_shards=self.cfg.teacher_pool_shards)
+            if pool_job.num_shards == 1:
+                self.jobs[f"{pool}/config.yaml"] = pool_job
+            else:
+                shards = [f"{pool}/shards/shard{i}.npz" for i in range(pool_job.num_shards)]
+                for i, shard in enumerate(shards):
+                    self.jobs[shard.replace(".npz", ".yaml")] = dataclasses.replace(pool_job, shard=i)
+                self.jobs[f"{pool}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=pool)
         cached = self.cfg.cache_teacher_logits
         live = method.needs_live_teacher or (not cached and (method.uses_cached_logits or pool is not None))
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(

@@ -72,22 +72,57 @@ rule cache_teacher_logits:
         "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
 
 
-rule teacher_pool:
-    """Teacher samples drawn once per teacher and rollout settings, with their logits (SeqKD, DistiLLM-2)."""
-    priority: 10
-    input:
-        unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
-    output:  # a code set, and the logits where the study caches them
-        "results/{study}/{backbone}/teacher/{pool}/codes.npy",
-        "results/{study}/{backbone}/teacher/{pool}/labels.npy",
-        ["results/{study}/{backbone}/teacher/{pool}/logits.npy"] * STUDY.cfg.cache_teacher_logits,
-    log:
-        "results/logs/{study}/{backbone}/teacher/{pool}.log",
-    threads: STUDY.resources("teacher_pool").cpus
-    resources:
-        **cluster_resources("teacher_pool"),
-    shell:
-        "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+if STUDY.cfg.teacher_pool_shards == 1:
+
+    rule teacher_pool:
+        """Teacher samples drawn once per teacher and rollout settings, with their logits (SeqKD, DistiLLM-2)."""
+        priority: 10
+        input:
+            unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
+        output:  # a code set, and the logits where the study caches them
+            "results/{study}/{backbone}/teacher/{pool}/codes.npy",
+            "results/{study}/{backbone}/teacher/{pool}/labels.npy",
+            ["results/{study}/{backbone}/teacher/{pool}/logits.npy"] * STUDY.cfg.cache_teacher_logits,
+        log:
+            "results/logs/{study}/{backbone}/teacher/{pool}.log",
+        threads: STUDY.resources("teacher_pool").cpus
+        resources:
+            **cluster_resources("teacher_pool"),
+        shell:
+            "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule teacher_pool_shard:
+        """One shard of a teacher pool (paper scale: 1.28M samples over teacher_pool_shards jobs)."""
+        priority: 10
+        input:
+            unpack(job("results/{study}/{backbone}/teacher/{pool}/shards/shard{shard}.yaml")),
+        output:
+            "results/{study}/{backbone}/teacher/{pool}/shards/shard{shard}.npz",
+        log:
+            "results/logs/{study}/{backbone}/teacher/{pool}_shard{shard}.log",
+        threads: STUDY.resources("teacher_pool_shard").cpus
+        resources:
+            **cluster_resources("teacher_pool_shard"),
+        shell:
+            "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+
+    rule gather_teacher_pool:
+        """A teacher pool's shards, in order, into its code set."""
+        priority: 10
+        input:
+            unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
+        output:
+            "results/{study}/{backbone}/teacher/{pool}/codes.npy",
+            "results/{study}/{backbone}/teacher/{pool}/labels.npy",
+        log:
+            "results/logs/{study}/{backbone}/teacher/{pool}_gather.log",
+        threads: STUDY.resources("gather_teacher_pool").cpus
+        resources:
+            **cluster_resources("gather_teacher_pool"),
+        shell:
+            "varkd gather-codes {input.config} --threads {threads} > {log} 2>&1"
 
 
 rule pretrain_student:
