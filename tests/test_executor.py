@@ -130,7 +130,7 @@ def test_workflow_through_the_local_submitit_executor(presets):
     workdir = presets.parent
     (presets / "config.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((presets / "config.yaml").read_text()),
                                                               MINIATURE)))
-    target = "results/embedded/data/codes/codes_val.npz"
+    target = "results/embedded/data/codes/val/codes.npy"
     local = ("--executor", "submitit", "--submitit-cluster", "local", "--jobs", "2", "--seconds-between-status-checks",
              "1")
     snakemake(workdir, *local, target)
