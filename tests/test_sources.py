@@ -9,7 +9,7 @@ from varkd import distill, sources
 from varkd.checkpoints import load_gpt
 from varkd.codes import CodeSet, load_code_set
 from varkd.config import AdaptiveConfig, MethodConfig, RolloutConfig, TeacherLogitsJob, TeacherPoolJob, TermConfig
-from varkd.loop import BatchOrder
+from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
 from varkd.sjd import generate_sjd
@@ -47,6 +47,27 @@ def test_student_rollouts_come_from_the_student_and_keep_its_mode():
     expected = generate(student, batch.labels, temperature=0.7, generator=generator)
     assert torch.equal(expected, batch.codes)
     assert data.counts["rollouts"] == 2 and data.counts["rollout_tokens"] == 2 * 8 * 16
+
+
+def test_parts_of_a_step_split_its_rows_and_sample_with_their_own_streams():
+    """A step split into parts (micro-batches, DDP ranks): each part rolls out for its rows with its own seeds."""
+    student = random_gpt(0)
+    method = MethodConfig(terms=[TermConfig(data="student", divergence="fkl")], rollout=RolloutConfig(null_fraction=0.5))
+    data = step_data(method, student)
+    classes = data.labels[data.order(3)]
+    for i in range(2):
+        part = data(0, step=3, part=Part(i, 2))
+        rng = np.random.default_rng([5, 3, 0, i])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        labels = torch.where(torch.from_numpy(rng.random(4) < 0.5), 3, classes[4 * i : 4 * i + 4])
+        assert torch.equal(part.labels, labels)
+        assert torch.equal(part.codes, generate(student, labels, generator=generator))
+        again = data(0, step=3, part=Part(i, 2))
+        assert torch.equal(again.codes, part.codes)
+    # GKD's on-policy choice is the step's: its parts agree
+    data = step_data(MethodConfig(terms=[TermConfig(data="mixed", divergence="jsd")], lmbda=0.5), student, random_gpt(1))
+    choices = [[data(0, s, Part(i, 2)).index is None for i in range(2)] for s in range(12)]
+    assert all(a == b for a, b in choices) and len({a for a, _ in choices}) == 2
 
 
 def test_teacher_source_samples_the_teacher():
@@ -89,11 +110,11 @@ def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypat
     real = sources.StepData.__call__
     calls = {"n": 0}
 
-    def killed(self, term_index, step):
+    def killed(self, *args):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
-        return real(self, term_index, step)
+        return real(self, *args)
 
     monkeypatch.setattr(sources.StepData, "__call__", killed)
     with pytest.raises(KeyboardInterrupt):

@@ -10,11 +10,11 @@ import torch
 from varkd import distill, sources
 from varkd.codes import load_code_set
 from varkd.checkpoints import load_gpt, save_model
-from varkd.config import OptimConfig, TeacherLogitsJob
+from varkd.config import ConfigError, OptimConfig, TeacherLogitsJob
 from varkd.loop import BatchOrder, Interrupted, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
 
-from tests.conftest import TINY, job
+from tests.conftest import DETERMINISTIC, TINY, job
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -188,3 +188,38 @@ def test_run_starts_from_the_init_checkpoint(codes, tmp_path):
     wide = distill.train_gpt(job(codes, tmp_path / "wide", steps=1, model=GPTConfig(**{**TINY, "dim": 64})))
     with pytest.raises(ValueError, match="student init .*wide.* has config"):
         distill.train_gpt(job(codes, tmp_path / "bad", steps=1, init=str(wide)))
+
+
+def test_bf16_runs_freeze_the_teacher_in_bf16_with_float32_logits(codes, tmp_path):
+    path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=4, checkpoint_name="teacher.pt"))
+    fp32 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "fp32")
+    bf16 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "bf16")
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert not bf16.training and not any(p.requires_grad for p in bf16.parameters())
+    x, y = distill.load_codes(codes / "codes_train.npz")
+    logits = distill.teacher_logits(bf16, x[:6], y[:6])
+    assert logits.dtype == torch.float32 and not logits.requires_grad
+    torch.testing.assert_close(logits, distill.teacher_logits(fp32, x[:6], y[:6]), atol=0.05, rtol=0.05)
+
+
+def test_whole_batch_trainers_refuse_grad_accumulation(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ConfigError, match="optim.grad_accum=1"):
+        train(model, lambda step: (model.weight.sum(), {}), OptimConfig(steps=2, batch_size=4, grad_accum=2),
+              tmp_path, config_text="x")
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_plain_one_and_checkpoints_plain_keys(codes, tmp_path):
+    """torch.compile of the training forward (inductor on the CPU: ~40 s to compile the tiny GPT here)."""
+    model = GPTConfig(**DETERMINISTIC)  # inductor draws dropout masks its own way
+    plain = distill.train_gpt(job(codes, tmp_path / "plain", steps=3, model=model))
+    compiled = distill.train_gpt(job(codes, tmp_path / "compiled", steps=3, model=model,
+                                     optim=OptimConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=2,
+                                                       checkpoint_every=2, log_every=1, precision="fp32",
+                                                       compile=True)))
+    a, b = torch.load(plain, weights_only=True)["model"], torch.load(compiled, weights_only=True)["model"]
+    assert list(b) == list(a)  # no _orig_mod. prefix
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")

@@ -1,6 +1,7 @@
 """`varkd <command> <job.yaml>`: one command per workflow step, each reading the job config the workflow wrote.
 
-Snakemake rules call these; they also run by hand on any job config under results/.
+Snakemake rules call these; they also run by hand on any job config under results/. `varkd train --nproc N`
+trains on N local GPUs (DDP, `varkd.distributed`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import checkpoints, clusters, distill, imagefolder, jobs
-from varkd.loop import Interrupted
+from varkd import checkpoints, clusters, distill, distributed, imagefolder, jobs
+from varkd.loop import Interrupted, rank_parts
 
 
 COMMANDS: dict[str, tuple[type, Callable]] = {
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--threads", type=int, default=int(os.environ.get("VARKD_THREADS", "0")),
                        help="torch CPU threads (0: torch's default)")
+        if name == "train":
+            p.add_argument("--nproc", type=int, default=1,
+                           help="processes (DDP ranks), one per local GPU; ignored in ranks that torchrun or srun "
+                                "started")
     agg = sub.add_parser("aggregate", help="gather metrics.json files into tables")
     agg.add_argument("metrics", nargs="+", help="metrics.json files")
     agg.add_argument("--out-dir", required=True)
@@ -61,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
     check.add_argument("study", nargs="+", help="study config files, later ones overriding earlier ones key by key "
                                                 "(as Snakemake's --configfile), e.g. config/config.yaml")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     try:
@@ -92,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             schema, run = COMMANDS[args.command]
             job = C.load_job(schema, args.job)
-            run(job, torch.device(args.device))
+            ranks = distributed.environment() if args.command == "train" else None
+            if args.command == "train" and ranks is None and args.nproc > 1:
+                rank_parts(job.optim, args.nproc, 0)  # a batch that does not split fails here, not in every rank
+                return distributed.launch(args.nproc, argv)  # each rank runs this command, finding its rank
+            with distributed.process_group(ranks, torch.device(args.device)) as device:
+                run(job, device)
     except (C.ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as err:
         print(f"varkd {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -14,13 +14,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from varkd import losses
+from varkd import distributed, losses
 from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
 from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
 from varkd.config import TeacherLogitsJob, TeacherPoolJob, TermConfig, TrainJob, to_yaml
 from varkd.io import atomic_memmap, atomic_save_npz, provenance
-from varkd.loop import BatchOrder, autocast, train
+from varkd.loop import BatchOrder, Part, autocast, rank_parts, train, training_module
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
 from varkd.sources import Batch, StepData
@@ -135,8 +135,11 @@ def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, targe
     return weighted_mean(per_position, weights, term.weighting.normalize)
 
 
-def load_teacher(path: str, student: GPTConfig, device: torch.device) -> GPT:
-    teacher = load_gpt(path, "teacher checkpoint").to(device).requires_grad_(False)
+def load_teacher(path: str, student: GPTConfig, device: torch.device, precision: str = "fp32") -> GPT:
+    """The frozen teacher (eval mode, no gradients); bf16 weights in bf16 runs, half the memory of fp32 ones, since
+    its forwards run under bf16 autocast anyway (`teacher_logits`, whose logits stay float32)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    teacher = load_gpt(path, "teacher checkpoint").to(device, dtype).requires_grad_(False)
     for key in ("vocab_size", "num_classes", "block_size"):
         if getattr(teacher.config, key) != getattr(student, key):
             raise ValueError(f"teacher {path} has {key}={getattr(teacher.config, key)}, the student "
@@ -145,7 +148,8 @@ def load_teacher(path: str, student: GPTConfig, device: torch.device) -> GPT:
 
 
 def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path:
-    """Train `job.model` under the method `job.kd` and write `out_dir/checkpoint_name`."""
+    """Train `job.model` under the method `job.kd` and write `out_dir/checkpoint_name` (rank 0 of a DDP run)."""
+    rank_parts(job.optim, distributed.world_size(), distributed.rank())  # fail before loading anything
     torch.manual_seed(job.seed)
     codes, val_codes = load_code_set(job.codes_train), load_code_set(job.codes_val)
     if job.teacher_logits:
@@ -159,7 +163,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     check_codes(codes, model)
     check_codes(val_codes, model)
     kd = job.kd
-    teacher = load_teacher(job.teacher, job.model, device) if job.teacher else None
+    teacher = load_teacher(job.teacher, job.model, device, job.optim.precision) if job.teacher else None
     if kd.needs_live_teacher and teacher is None:
         raise ValueError(f"method {job.method!r} samples from or scores with the teacher: TrainJob.teacher is unset")
     if kd.uses_cached_logits and job.teacher_logits is None and teacher is None:
@@ -195,12 +199,14 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     names = [f"{t.data}_{t.divergence}" for t in kd.terms]
     names = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
-    def loss_fn(step: int):
+    student = training_module(model, job.optim, device)  # rollouts and validation use the plain model
+
+    def loss_fn(step: int, part: Part):
         total, logs = 0.0, {}
         for i, term in enumerate(kd.terms):
-            batch = data(i, step)
+            batch = data(i, step, part)
             x, y = batch.codes.to(device), batch.labels.to(device)
-            logits = model(x[:, :-1], y)
+            logits = student(x[:, :-1], y)
             data.counts["student_forwards"] += 1
             target = targets(batch, x, y) if term.uses_teacher_logits else None
             value = term_loss(term, logits, x, target, kd.temperature, clusters)
@@ -208,13 +214,14 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
             logs[names[i]] = value.item()
         return total, {**logs, **data.counts}
 
-    summary = train(model, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),
+    summary = train(student, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),
                     eval_fn=lambda: {"val_nll": validation()}, state=data, device=device,
-                    desc=f"{job.backbone}/{job.method}/seed{job.seed}")
-    summary.update(data.counts)
+                    desc=f"{job.backbone}/{job.method}/seed{job.seed}", split_batches=True)
+    summary.update(distributed.combine(dict(data.counts), device))
     out = Path(job.out_dir) / job.checkpoint_name
-    save_model(out, model, job.model, train=summary, job=asdict(job), provenance=provenance(device.type))
-    (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
+    if distributed.rank() == 0:
+        save_model(out, model, job.model, train=summary, job=asdict(job), provenance=provenance(device.type))
+        (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
     return out
 
 
