@@ -197,7 +197,8 @@ def test_bf16_runs_freeze_the_teacher_in_bf16_with_float32_logits(codes, tmp_pat
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert not bf16.training and not any(p.requires_grad for p in bf16.parameters())
-    x, y = distill.load_codes(codes / "codes_train.npz")
+    train_set = load_code_set(codes / "train")
+    x, y = train_set.batch(np.arange(6)), train_set.labels
     logits = distill.teacher_logits(bf16, x[:6], y[:6])
     assert logits.dtype == torch.float32 and not logits.requires_grad
     torch.testing.assert_close(logits, distill.teacher_logits(fp32, x[:6], y[:6]), atol=0.05, rtol=0.05)
