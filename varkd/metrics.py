@@ -188,21 +188,20 @@ def compute_metrics(
             verbose=False,
             **kwargs,
         )
-    result = {
-        "fid": out[torch_fidelity.KEY_METRIC_FID],
-        "isc_mean": out[torch_fidelity.KEY_METRIC_ISC_MEAN],
-        "isc_std": out[torch_fidelity.KEY_METRIC_ISC_STD],
-        "precision": out[torch_fidelity.KEY_METRIC_PRECISION],
-        "recall": out[torch_fidelity.KEY_METRIC_RECALL],
-    }
-    if kid:
-        result["kid_mean"] = out[torch_fidelity.KEY_METRIC_KID_MEAN]
-        result["kid_std"] = out[torch_fidelity.KEY_METRIC_KID_STD]
-    return _result(result, n_gen, n_real, feature_extractor)
+    return _result(out, n_gen, n_real, feature_extractor)
 
 
-def _result(metrics: dict, n_gen: int, n_real: int, feature_extractor: str) -> dict:
-    metrics = {**metrics, "num_samples": n_gen, "num_real": n_real, "feature_extractor": feature_extractor}
+# metrics.json key -> torch-fidelity's result key (KID only where computed)
+METRIC_KEYS = {"fid": torch_fidelity.KEY_METRIC_FID, "isc_mean": torch_fidelity.KEY_METRIC_ISC_MEAN,
+               "isc_std": torch_fidelity.KEY_METRIC_ISC_STD, "precision": torch_fidelity.KEY_METRIC_PRECISION,
+               "recall": torch_fidelity.KEY_METRIC_RECALL, "kid_mean": torch_fidelity.KEY_METRIC_KID_MEAN,
+               "kid_std": torch_fidelity.KEY_METRIC_KID_STD}
+
+
+def _result(out: dict, n_gen: int, n_real: int, feature_extractor: str) -> dict:
+    """torch-fidelity's results under metrics.json's keys, with what they were computed on."""
+    metrics = {ours: out[theirs] for ours, theirs in METRIC_KEYS.items() if theirs in out}
+    metrics.update(num_samples=n_gen, num_real=n_real, feature_extractor=feature_extractor)
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in metrics.items()}
 
 
@@ -312,14 +311,7 @@ def reference_batch_metrics(
         move = (lambda t: t.cuda()) if cuda else (lambda t: t)  # the k-NN distances are the costly part
         prc = prc_features_to_metric(move(features[layer["prc"]]), move(real[layer["prc"]]),
                                      prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False)
-    result = {
-        "fid": fid[torch_fidelity.KEY_METRIC_FID],
-        "isc_mean": isc[torch_fidelity.KEY_METRIC_ISC_MEAN],
-        "isc_std": isc[torch_fidelity.KEY_METRIC_ISC_STD],
-        "precision": prc[torch_fidelity.KEY_METRIC_PRECISION],
-        "recall": prc[torch_fidelity.KEY_METRIC_RECALL],
-    }
-    return _result(result, n_gen, n_real, feature_extractor)
+    return _result({**fid, **isc, **prc}, n_gen, n_real, feature_extractor)
 
 
 def _check_feature_size(fe, generated: np.ndarray, layer: str, reference: ReferenceBatch, cuda: bool) -> None:
