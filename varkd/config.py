@@ -67,10 +67,19 @@ class CodesConfig:
     batch_size: int = 256
 
     def __post_init__(self):
-        _check_choice("codes.augment", self.augment, ("none", "tencrop"))
+        _check_augment(self.augment, self.crop_range, "codes.")
         _check_positive(self, "num_shards", "batch_size")
-        if self.crop_range < 1:
-            raise ConfigError(f"codes.crop_range must be >= 1, got {self.crop_range}")
+
+
+def _check_augment(augment: str, crop_range: float, prefix: str = "") -> None:
+    _check_choice(f"{prefix}augment", augment, ("none", "tencrop"))
+    if crop_range < 1:
+        raise ConfigError(f"{prefix}crop_range must be >= 1, got {crop_range}")
+
+
+def _check_shard(shard: int, num_shards: int, name: str = "num_shards") -> None:
+    if not 0 <= shard < num_shards:
+        raise ConfigError(f"shard {shard} is not one of {name}={num_shards} (0..{num_shards - 1})")
 
 
 @dataclass
@@ -280,6 +289,9 @@ class SampleConfig:
 
     def __post_init__(self):
         _check_positive(self, "num_samples", "batch_size", "grid_per_class", "grid_classes", "num_shards")
+        if self.num_samples < self.num_shards:
+            raise ConfigError(f"sample.num_samples={self.num_samples} leaves some of num_shards={self.num_shards} "
+                              "empty")
         if self.resize_to < 0:
             raise ConfigError(f"sample.resize_to must be >= 0, got {self.resize_to}")
         if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -531,6 +543,10 @@ class CodeShardJob:
     batch_size: int = 256
     out: str = "???"  # shard .npz: codes [n, A, T], labels int64 [n]
 
+    def __post_init__(self):
+        _check_augment(self.augment, self.crop_range)
+        _check_shard(self.shard, self.num_shards)
+
     def inputs(self) -> list[str]:
         return [self.tokenizer, self.index]
 
@@ -650,6 +666,11 @@ class TeacherPoolJob:
     shard: int = 0  # of num_shards > 1: out_dir/shards/shard<i>.npz, gathered into the code set by GatherCodesJob
     num_shards: int = 1
 
+    def __post_init__(self):
+        _check_shard(self.shard, self.num_shards)
+        if self.num_shards > 1 and self.logits:
+            raise ConfigError("a sharded teacher pool stores no logits (TeacherPoolJob.logits must be false)")
+
     def inputs(self) -> list[str]:
         return [self.teacher, *code_set_files(self.codes_train)]
 
@@ -662,6 +683,9 @@ class SampleJob:
     seed: int = 0
     shard: int = 0  # of sample.num_shards: one writes out_dir/samples.npz and grid.png, several samples/shard<i>.npz
     out_dir: str = "???"
+
+    def __post_init__(self):
+        _check_shard(self.shard, self.sample.num_shards, "sample.num_shards")
 
     def inputs(self) -> list[str]:
         return [self.checkpoint, self.tokenizer]

@@ -262,37 +262,30 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
     rng = np.random.default_rng(job.seed)
     labels = train_set.labels.clone()
     labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
-    if job.num_shards > 1:
-        return _sample_teacher_pool_shard(job, teacher, labels, device)
-    generator = torch.Generator(device).manual_seed(job.seed)
     out_dir = Path(job.out_dir)
+    if job.num_shards > 1:  # one contiguous slice of the labels (np.array_split), with its own seeded stream
+        labels = torch.from_numpy(np.array_split(labels.numpy(), job.num_shards)[job.shard])
+        seed = int(np.random.SeedSequence([job.seed, job.shard]).generate_state(1, np.uint64)[0])
+        codes = np.empty((len(labels), 1, cfg.block_size), dtype=code_dtype(cfg.vocab_size))
+        for i, x, _ in _teacher_samples(teacher, labels, job, seed, device):
+            codes[i : i + len(x), 0] = x.cpu().numpy()
+        atomic_save_npz(out_dir / "shards" / f"shard{job.shard}.npz", codes=codes, labels=labels.numpy())
+        return
     with ExitStack() as files:  # closed in reverse: logits.npy lands before the code set
         codes = files.enter_context(code_set_writer(out_dir, labels.numpy(), 1, cfg.block_size,
                                                     code_dtype(cfg.vocab_size)))
         shape = (len(labels), cfg.block_size, cfg.vocab_size)
         logits = files.enter_context(atomic_memmap(out_dir / "logits.npy", shape, np.float16)) if job.logits else None
-        for i in range(0, len(labels), job.batch_size):
-            y = labels[i : i + job.batch_size].to(device)
-            x = generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
-                         top_p=r.top_p, generator=generator)
-            codes[i : i + len(y), 0] = x.cpu().numpy()
+        for i, x, y in _teacher_samples(teacher, labels, job, job.seed, device):
+            codes[i : i + len(x), 0] = x.cpu().numpy()
             if logits is not None:
-                logits[i : i + len(y)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
+                logits[i : i + len(x)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
 
 
-def _sample_teacher_pool_shard(job: TeacherPoolJob, teacher: GPT, labels: torch.Tensor, device: torch.device) -> None:
-    """One contiguous slice of the pool's labels (np.array_split), with its own seeded stream."""
-    if job.logits:
-        raise ValueError("a sharded teacher pool stores no logits (TeacherPoolJob.logits must be false)")
-    if not 0 <= job.shard < job.num_shards:
-        raise ValueError(f"shard {job.shard} is not one of num_shards={job.num_shards}")
-    r, cfg = job.rollout, teacher.config
-    part = torch.from_numpy(np.array_split(labels.numpy(), job.num_shards)[job.shard])
-    seed = int(np.random.SeedSequence([job.seed, job.shard]).generate_state(1, np.uint64)[0])
-    generator = torch.Generator(device).manual_seed(seed)
-    codes = np.empty((len(part), 1, cfg.block_size), dtype=code_dtype(cfg.vocab_size))
-    for i in range(0, len(part), job.batch_size):
-        y = part[i : i + job.batch_size].to(device)
-        codes[i : i + len(y), 0] = generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature,
-                                            top_k=r.top_k, top_p=r.top_p, generator=generator).cpu().numpy()
-    atomic_save_npz(Path(job.out_dir) / "shards" / f"shard{job.shard}.npz", codes=codes, labels=part.numpy())
+def _teacher_samples(teacher: GPT, labels: torch.Tensor, job: TeacherPoolJob, seed: int, device: torch.device):
+    """The teacher's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
+    r, generator = job.rollout, torch.Generator(device).manual_seed(seed)
+    for i in range(0, len(labels), job.batch_size):
+        y = labels[i : i + job.batch_size].to(device)
+        yield i, generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
+                          top_p=r.top_p, generator=generator), y

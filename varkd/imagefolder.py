@@ -20,6 +20,7 @@ from varkd.codes import code_dtype, code_set_writer
 from varkd.config import CodeShardJob, GatherCodesJob, IndexImagesJob
 from varkd.data import center_crop_arr
 from varkd.io import atomic_save_npz, load_npz
+from varkd.npz import npz_headers
 
 
 def index_images(job: IndexImagesJob, device: Optional[torch.device] = None) -> None:
@@ -76,12 +77,6 @@ def extract_code_shard(job: CodeShardJob, device: torch.device = torch.device("c
 
     workers: DataLoader processes decoding images (None: torch's thread count, which the CLI's --threads sets).
     """
-    if job.augment not in ("none", "tencrop"):
-        raise ValueError(f"augment={job.augment!r} is not one of ['none', 'tencrop']")
-    if job.crop_range < 1:
-        raise ValueError(f"crop_range must be >= 1, got {job.crop_range}")
-    if not 0 <= job.shard < job.num_shards:
-        raise ValueError(f"shard {job.shard} is not one of the {job.num_shards} shards")
     index = load_npz(job.index, ["paths", "labels"])
     rows = np.array_split(np.arange(len(index["labels"])), job.num_shards)[job.shard]
     vq = load_vq(job.tokenizer).to(device)
@@ -111,19 +106,22 @@ def gather_codes(job: GatherCodesJob, device: Optional[torch.device] = None) -> 
     """The shards, in order, streamed into the code set job.out_dir (one shard in memory at a time)."""
     if not job.shards:
         raise ValueError("gather-codes: the job lists no shards")
-    labels = [load_npz(path, ["labels"])["labels"] for path in job.shards]
-    first = load_npz(job.shards[0], ["codes"])["codes"]
-    if first.ndim != 3:
-        raise ValueError(f"shard {job.shards[0]} holds codes of shape {first.shape}, expected [n, A, T]")
-    _, num_views, length = first.shape
-    with code_set_writer(job.out_dir, np.concatenate(labels), num_views, length, first.dtype) as out:
+    headers = [npz_headers(path, ["codes", "labels"]) for path in job.shards]  # every shard checked before writing
+    shape, dtype = headers[0]["codes"]
+    if len(shape) != 3:
+        raise ValueError(f"shard {job.shards[0]} holds codes of shape {shape}, expected [n, A, T]")
+    _, num_views, length = shape
+    for path, header in zip(job.shards, headers):
+        (codes_shape, codes_dtype), (labels_shape, _) = header["codes"], header["labels"]
+        expected = (labels_shape[0], num_views, length)
+        if codes_shape != expected or codes_dtype != dtype:
+            raise ValueError(f"shard {path} holds codes {codes_dtype} {list(codes_shape)}, expected "
+                             f"{dtype} {list(expected)} like {job.shards[0]} (and its own labels)")
+    labels = np.concatenate([load_npz(path, ["labels"])["labels"] for path in job.shards])
+    with code_set_writer(job.out_dir, labels, num_views, length, dtype) as out:
         start = 0
-        for path, shard_labels in zip(job.shards, labels):
+        for path in job.shards:
             codes = load_npz(path, ["codes"])["codes"]
-            expected = (len(shard_labels), num_views, length)
-            if codes.shape != expected or codes.dtype != first.dtype:
-                raise ValueError(f"shard {path} holds codes {codes.dtype} {list(codes.shape)}, expected "
-                                 f"{first.dtype} {list(expected)} like {job.shards[0]} (and its own labels)")
             out[start : start + len(codes)] = codes
             start += len(codes)
     print(f"{job.out_dir}: {start} images x {num_views} views x {length} codes from {len(job.shards)} shards")

@@ -117,11 +117,6 @@ def sample(job: SampleJob, device: torch.device) -> None:
     sample.resize_to > 0 resizes the decoded images bicubic before the uint8 conversion (VQModel.decode_to_uint8).
     """
     cfg = job.sample
-    if not 0 <= job.shard < cfg.num_shards:
-        raise ValueError(f"shard {job.shard} is not one of sample.num_shards={cfg.num_shards} "
-                         f"(0..{cfg.num_shards - 1})")
-    if cfg.num_samples < cfg.num_shards:
-        raise ValueError(f"sample.num_samples={cfg.num_samples} leaves some of num_shards={cfg.num_shards} empty")
     model, vq = load_gpt(job.checkpoint).to(device), load_vq(job.tokenizer).to(device)
     if model.config.vocab_size != vq.config.codebook_size:
         raise ValueError(f"{job.checkpoint} vocab_size={model.config.vocab_size} != tokenizer {job.tokenizer} "
