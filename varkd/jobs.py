@@ -35,7 +35,6 @@ def prepare_data(job: PrepareDataJob, device: torch.device) -> None:
 def _train_images(images: str, model: torch.nn.Module, optim, out_dir: str, config_text: str, seed: int,
                   loss, eval_fn, device: torch.device, desc: str) -> dict:
     """Shared by the tokenizer and the classifier: minibatches of the train split through `loss`."""
-    torch.manual_seed(seed)
     split = read_split(images, "train")
     x, y = to_model_input(split.images), torch.from_numpy(split.labels)
     order = BatchOrder(len(x), optim.batch_size, seed)
@@ -49,6 +48,7 @@ def _train_images(images: str, model: torch.nn.Module, optim, out_dir: str, conf
 
 def train_tokenizer(job: TokenizerJob, device: torch.device) -> None:
     """The VQ tokenizer (LlamaGen architecture); held-out reconstruction MSE is logged."""
+    torch.manual_seed(job.seed)  # the initial weights too: a job is a function of its config
     model = VQModel(job.tokenizer.model).to(device)
     val = read_split(job.images, "val")
     summary = _train_images(job.images, model, job.tokenizer.optim, job.out_dir, to_yaml(job), job.seed,
@@ -72,6 +72,7 @@ def extract_codes(job: ExtractCodesJob, device: torch.device) -> None:
 
 def train_classifier(job: ClassifierJob, device: torch.device) -> None:
     """The metric's feature network, trained on the train split; held-out accuracy is logged."""
+    torch.manual_seed(job.seed)  # the initial weights too: a job is a function of its config
     model = Classifier(job.classifier.model).to(device)
     val = read_split(job.images, "val")
     summary = _train_images(job.images, model, job.classifier.optim, job.out_dir, to_yaml(job), job.seed,
