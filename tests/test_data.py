@@ -1,46 +1,62 @@
-"""Both datasets behind one interface: the shipped MNIST subset and an ImageFolder tree."""
+"""The embedded data sets: fixed, stratified, disjoint train / val / test splits, digits alone or on photographs."""
 import numpy as np
 import pytest
-from PIL import Image
 
-from varkd.config import DataConfig
-from varkd.data import load_splits, read_split, save_splits
+from varkd.config import ConfigError, DataConfig
+from varkd.data import SPLITS, load_digits, photographs, read_split, save_splits
 
 
-def test_mnist_split_is_fixed_stratified_and_disjoint(tmp_path):
-    cfg = DataConfig(source="mnist", image_size=32, num_classes=10, heldout_per_class=100, split_seed=0)
-    train, val = load_splits(cfg)
-    assert train.images.shape == (4000, 32, 32, 3) and val.images.shape == (1000, 32, 32, 3)
+@pytest.fixture(scope="module")
+def splits():
+    return load_digits(DataConfig(source="mnist_photo", split_seed=0))
+
+
+def test_splits_are_fixed_stratified_and_disjoint(splits, tmp_path):
+    train, val, test = splits
+    assert [s.images.shape for s in splits] == [(3500, 32, 32, 3), (500, 32, 32, 3), (1000, 32, 32, 3)]
     assert train.images.dtype == np.uint8 and train.labels.dtype == np.int64
-    assert np.bincount(val.labels).tolist() == [100] * 10
-    assert (train.images[..., 0] == train.images[..., 2]).all()  # grey replicated to RGB
-    assert train.images[:, :2].max() == 0  # zero padding around the 28x28 digits
-    flat = {im.tobytes() for im in val.images}
-    assert not any(im.tobytes() in flat for im in train.images[:500])
-    again_train, again_val = load_splits(cfg)
-    assert np.array_equal(again_val.images, val.images)
-    other = load_splits(DataConfig(split_seed=1))[1]
-    assert not np.array_equal(other.images, val.images)
+    assert np.bincount(val.labels).tolist() == [50] * 10 and np.bincount(test.labels).tolist() == [100] * 10
+    seen = [{im.tobytes() for im in s.images} for s in splits]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    again = load_digits(DataConfig(source="mnist_photo", split_seed=0))
+    assert all(np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+               for a, b in zip(splits, again))
+    other = load_digits(DataConfig(source="mnist_photo", split_seed=1))[2]
+    assert not np.array_equal(other.images, test.images)
 
-    save_splits(tmp_path / "images.npz", train, val)
-    back = read_split(tmp_path / "images.npz", "val")
-    assert np.array_equal(back.images, val.images) and np.array_equal(back.labels, val.labels)
-
-
-def test_imagefolder_tree_uses_the_same_interface(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(3):
-                pixels = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
-    cfg = DataConfig(source="imagefolder", root=str(tmp_path), image_size=16, num_classes=2)
-    train, val = load_splits(cfg)
-    assert train.images.shape == (6, 16, 16, 3) and train.images.dtype == np.uint8
-    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    save_splits(tmp_path / "images.npz", dict(zip(SPLITS, splits)))
+    for name, split in zip(SPLITS, splits):
+        back = read_split(tmp_path / "images.npz", name)
+        assert np.array_equal(back.images, split.images) and np.array_equal(back.labels, split.labels)
 
 
-def test_missing_imagefolder_root_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere/train"):
-        load_splits(DataConfig(source="imagefolder", root=str(tmp_path / "nowhere"), num_classes=2))
+def test_digits_sit_on_dimmed_photograph_patches(splits):
+    """Grey RGB; the digits are the same as plain MNIST's where they are bright, the background is texture (no
+    position of the grid is a flat black area across images, as MNIST's border is)."""
+    photo_train = splits[0]
+    plain_train = load_digits(DataConfig(source="mnist", split_seed=0))[0]
+    assert np.array_equal(photo_train.labels, plain_train.labels)  # the same digits in the same splits
+    photo, plain = photo_train.images.astype(int), plain_train.images.astype(int)
+    assert (photo[..., 0] == photo[..., 2]).all()
+    assert (photo >= plain).all()  # max(patch, digit)
+    strokes = plain == 255
+    assert (photo[strokes] == 255).all()
+    assert plain[:, :2].max() == 0 and photo[:, :2].mean() > 10  # MNIST's border is black; here it is texture
+    assert photo[plain == 0].max() <= round(0.35 * 255)  # the background is dimmed below the strokes
+    assert (photo[:, :4, :4].reshape(len(photo), -1).std(axis=1) > 0).mean() > 0.9  # corners hold texture
+
+
+def test_photographs_come_from_the_installed_wheel():
+    photos = photographs(["camera", "coffee"], side=64)
+    assert [p.shape[:2] for p in photos] == [(64, 64), (64, 96)] and all(p.dtype == np.uint8 for p in photos)
+    with pytest.raises(ValueError, match="no bundled image 'nope'"):
+        photographs(["nope"], side=64)
+
+
+def test_bad_split_sizes_and_backgrounds_are_named():
+    with pytest.raises(ValueError, match="val_per_class=300 \\+ data.test_per_class=300"):
+        load_digits(DataConfig(source="mnist", val_per_class=300, test_per_class=300))
+    with pytest.raises(ConfigError, match="background_intensity"):
+        DataConfig(background_intensity=0.0)
+    with pytest.raises(ConfigError, match="data.source='mnist_m'"):
+        DataConfig(source="mnist_m")

