@@ -10,7 +10,7 @@ from varkd import cli
 from varkd.checkpoints import load_gpt, load_vq, save_model
 from varkd.config import GatherSamplesJob, SampleConfig, SampleJob, to_yaml
 from varkd.images import to_uint8
-from varkd.jobs import gather_samples, sample
+from varkd.jobs import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_seed
 from varkd.models.vq import VQModel
 from varkd.npz import npz_headers, npz_writer
 from varkd.sampling import generate
@@ -43,16 +43,24 @@ def load(path):
         return {k: f[k] for k in f.files}
 
 
-def test_unsharded_sampling_keeps_its_seed_and_files(models, tmp_path):
-    job = sample_job(models, tmp_path)
+def test_unsharded_sampling_draws_its_stream_and_validation_samples_from_another(models, tmp_path):
+    job = sample_job(models, tmp_path, val_num_samples=4)
     sample(job, CPU)
     out = load(tmp_path / "samples.npz")
     assert (tmp_path / "grid.png").is_file() and not (tmp_path / "samples").exists()
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    generator = torch.Generator().manual_seed(job.seed * 10007 + job.sample.seed)  # the seed samples always had
+    generator = torch.Generator().manual_seed(sample_seed(job.seed, job.sample, TEST_STREAM))
     codes = torch.cat([generate(load_gpt(models[0]), labels[i : i + 4], generator=generator) for i in (0, 4)])
     assert np.array_equal(out["arr_0"], load_vq(models[1]).decode_to_uint8(codes).numpy())
-    assert np.array_equal(out["labels"], labels.numpy()) and out["sample_seconds"] > 0
+    assert list(out) == ["arr_0", "labels"] and np.array_equal(out["labels"], labels.numpy())
+    val = load(tmp_path / "samples_val.npz")
+    generator = torch.Generator().manual_seed(sample_seed(job.seed, job.sample, VAL_STREAM))
+    codes = generate(load_gpt(models[0]), torch.tensor([0, 0, 1, 1]), generator=generator)
+    assert np.array_equal(val["arr_0"], load_vq(models[1]).decode_to_uint8(codes).numpy())
+    assert np.array_equal(val["labels"], [0, 0, 1, 1])
+    first = (tmp_path / "samples.npz").read_bytes()
+    sample(job, CPU)  # a rerun writes the same bytes
+    assert (tmp_path / "samples.npz").read_bytes() == first
 
 
 def test_three_shards_gather_into_the_label_order(models, tmp_path):
@@ -76,7 +84,6 @@ def test_three_shards_gather_into_the_label_order(models, tmp_path):
     assert np.array_equal(gathered["labels"], [0, 0, 0, 1, 1, 1])
     assert gathered["arr_0"].dtype == np.uint8 and gathered["arr_0"].shape == (6, 32, 32, 3)
     assert np.array_equal(gathered["arr_0"], np.concatenate([p["arr_0"] for p in parts]))
-    assert gathered["sample_seconds"] == pytest.approx(sum(float(p["sample_seconds"]) for p in parts))
     from PIL import Image
 
     grid = Image.open(tmp_path / "gathered" / "grid.png")  # 2 classes x 2 samples of 32px, scaled 4x, padding 2
@@ -91,12 +98,12 @@ def test_gathered_file_loads_like_savez(tmp_path):
     images = rng.integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
     labels = np.array([2, 0, 1, 0, 2, 1, 1])
     for i, part in enumerate((slice(0, 3), slice(3, 3), slice(3, 7))):  # an empty shard too
-        np.savez(tmp_path / f"shard{i}.npz", arr_0=images[part], labels=labels[part], sample_seconds=np.float64(i))
+        np.savez(tmp_path / f"shard{i}.npz", arr_0=images[part], labels=labels[part])
     gather_samples(GatherSamplesJob(shards=[str(tmp_path / f"shard{i}.npz") for i in range(3)], grid_per_class=1,
                                     out_dir=str(tmp_path / "out")), CPU)
-    np.savez(tmp_path / "savez.npz", arr_0=images, labels=labels, sample_seconds=np.float64(3))
+    np.savez(tmp_path / "savez.npz", arr_0=images, labels=labels)
     ours, theirs = load(tmp_path / "out" / "samples.npz"), load(tmp_path / "savez.npz")
-    assert list(ours) == list(theirs) == ["arr_0", "labels", "sample_seconds"]
+    assert list(ours) == list(theirs) == ["arr_0", "labels"]
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape
         assert np.array_equal(ours[key], theirs[key])
@@ -106,7 +113,7 @@ def test_gathered_file_loads_like_savez(tmp_path):
 
 
 def test_gather_rejects_odd_shards_by_name(tmp_path):
-    good = dict(arr_0=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(2, np.int64), sample_seconds=np.float64(1))
+    good = dict(arr_0=np.zeros((2, 8, 8, 3), np.uint8), labels=np.zeros(2, np.int64))
     np.savez(tmp_path / "good.npz", **good)
     odd = {
         "small.npz": {**good, "arr_0": np.zeros((2, 4, 4, 3), np.uint8)},
@@ -124,9 +131,9 @@ def test_gather_rejects_odd_shards_by_name(tmp_path):
     missing = GatherSamplesJob(shards=[str(tmp_path / "good.npz"), str(tmp_path / "gone.npz")], out_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="gone.npz"):
         gather_samples(missing, CPU)
-    np.savez(tmp_path / "no-seconds.npz", arr_0=good["arr_0"], labels=good["labels"])
-    with pytest.raises(KeyError, match=r"no-seconds\.npz.*sample_seconds"):
-        gather_samples(GatherSamplesJob(shards=[str(tmp_path / "no-seconds.npz")], out_dir=str(tmp_path)), CPU)
+    np.savez(tmp_path / "no-labels.npz", arr_0=good["arr_0"])
+    with pytest.raises(KeyError, match=r"no-labels\.npz.*labels"):
+        gather_samples(GatherSamplesJob(shards=[str(tmp_path / "no-labels.npz")], out_dir=str(tmp_path)), CPU)
     assert not (tmp_path / "o").exists()
 
 

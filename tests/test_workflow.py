@@ -6,6 +6,7 @@ notebooks on its results, not the numbers.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from tests.conftest import REPO, assert_summary_matches_metrics_files
 from varkd.study import FIGURES
 
 MINIATURE = {
-    "data": {"heldout_per_class": 10},
+    "data": {"val_per_class": 5, "test_per_class": 10},
     "tokenizer": {"model": {"ch": 8, "z_channels": 16, "norm_groups": 4},
                   "optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
     "classifier": {"optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
@@ -28,8 +29,8 @@ MINIATURE = {
     "seeds": [0],
     "student_optim": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
     "student_pretrain": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
-    "sample": {"num_samples": 20, "batch_size": 20},
-    "evaluate": {"isc_splits": 2},
+    "sample": {"num_samples": 20, "val_num_samples": 20, "batch_size": 20},
+    "evaluate": {"isc_splits": 2, "noise_seeds": 2},
 }
 MINI_BACKBONE = {"teacher": {"dim": 32, "n_layer": 1, "n_head": 2}, "student": {"dim": 16, "n_layer": 1, "n_head": 2},
                  "teacher_optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10, "eval_every": 0}}
@@ -92,27 +93,68 @@ def test_bad_config_fails_before_any_job(presets):
     assert "temprature" in result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_miniature_study_end_to_end(presets):
-    workdir = presets.parent
+def make_miniature(presets: Path) -> dict:
+    """Turn the editable copy of config/ into the miniature study; returns the study dict."""
     study = merge(yaml.safe_load((presets / "config.yaml").read_text()), MINIATURE)
     (presets / "config.yaml").write_text(yaml.safe_dump(study))
     backbone = presets / "backbones" / "tiny.yaml"
     backbone.write_text(yaml.safe_dump(merge(yaml.safe_load(backbone.read_text()), MINI_BACKBONE)))
+    return study
+
+
+TIMING = {"eval_wall_s", "train_wall_s", "provenance"}  # what may differ between two runs of one config
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_config_give_the_same_files(tmp_path):
+    """Every job is a function of its config and seed: run twice from scratch (other folders, other processes), the
+    miniature study writes the same data, tokenizer, classifier, teacher, students, codes and samples bit for bit,
+    and the same metrics and tables but for wall times."""
+    roots = []
+    for name in ("first", "second"):
+        presets = Path(shutil.copytree(REPO / "config", tmp_path / name / "config"))
+        make_miniature(presets)
+        snakemake(presets.parent, "all")
+        roots.append(presets.parent / "results" / "embedded")
+    files = sorted(p.relative_to(roots[0]) for p in roots[0].rglob("*") if p.is_file() and "plots" not in p.parts)
+    assert files == sorted(p.relative_to(roots[1]) for p in roots[1].rglob("*") if p.is_file()
+                           and "plots" not in p.parts)
+    binary = [f for f in files if f.suffix in (".pt", ".npy", ".npz", ".png", ".yaml")]
+    assert {f.name for f in binary} >= {"tokenizer.pt", "classifier.pt", "teacher.pt", "student.pt", "codes.npy",
+                                        "logits_train.npy", "images.npz", "samples.npz", "samples_val.npz"}
+    for f in binary:
+        assert (roots[0] / f).read_bytes() == (roots[1] / f).read_bytes(), f
+    for f in [f for f in files if f.suffix == ".json"]:
+        first, second = (json.loads((root / f).read_text()) for root in roots)
+        assert {k: v for k, v in first.items() if k not in TIMING} == {
+            k: v for k, v in second.items() if k not in TIMING}, f
+    for f in [f for f in files if f.suffix == ".csv" and f.parent.name == "tables"]:
+        first, second = (pd.read_csv(root / f) for root in roots)
+        timing = [c for c in first if "wall_s" in c]
+        pd.testing.assert_frame_equal(first.drop(columns=timing), second.drop(columns=timing))
+
+
+@pytest.mark.slow
+def test_miniature_study_end_to_end(presets):
+    workdir = presets.parent
+    study = make_miniature(presets)
 
     snakemake(workdir, "all")
     root = workdir / "results" / "embedded"
     table = pd.read_csv(root / "tables" / "main.csv")
     assert list(table["method"]) == ["real", "teacher", "student_init"] + study["methods"]
-    assert {"backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "val_nll"} <= set(table.columns)
-    assert table[["fid", "isc_mean", "precision", "recall"]].notna().all().all()
+    assert {"backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "nll", "val_fid",
+            "val_nll"} <= set(table.columns)
+    assert table[["fid", "isc_mean", "precision", "recall", "val_fid"]].notna().all().all()
     for run in ("tiny/teacher", "tiny/student_init", "tiny/ce/seed0", "tiny/fkl/seed0"):
-        for name in ("config.yaml", "train_log.csv", "samples.npz", "grid.png", "metrics.json"):
+        for name in ("config.yaml", "train_log.csv", "samples.npz", "samples_val.npz", "grid.png", "metrics.json"):
             assert (root / run / name).is_file(), f"{run}/{name}"
         metrics = json.loads((root / run / "metrics.json").read_text())
         assert metrics["num_samples"] == 20 and metrics["feature_extractor"] == "varkd-classifier"
         assert metrics["provenance"]["torch"]
     assert not list(root.rglob("checkpoint.pt"))  # removed once each final model exists
+    noise = json.loads((root / "tiny" / "student_init" / "noise.json").read_text())
+    assert len(noise["sets"]) == 2 and "Noise floor" in (root / "tables" / "main.md").read_text()
     assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
         f"main_{figure}.{ext}" for figure in FIGURES for ext in ("png", "pdf"))
 
@@ -133,7 +175,7 @@ def test_miniature_study_end_to_end(presets):
     snakemake(workdir, "all_ablations")
     table = pd.read_csv(root / "tables" / "baselines.csv")
     assert list(table["method"]) == ["real", "teacher", "student_init"] + study["baselines"]
-    assert table["fid"].notna().all() and table["val_nll"][1:].notna().all()  # real images have no NLL
+    assert table["fid"].notna().all() and table["nll"][1:].notna().all()  # real images have no NLL
     runs = table.set_index("method")
     assert (runs.loc[["imitkd", "onpolicy_rkl", "distillm2"], "train_rollouts"] > 0).all()
     assert runs.loc["fkl", "train_teacher_forwards"] == 0  # cached logits only
@@ -153,7 +195,7 @@ def test_miniature_study_end_to_end(presets):
         assert_summary_matches_metrics_files(root, name)
         tex = (root / "tables" / f"{name}.tex").read_text()
         runs = pd.read_csv(root / "tables" / f"{name}.csv")
-        assert all(method.replace("_", r"\_") in tex for method in runs["method"]) and r"\textbf{" in tex
+        assert all(method.replace("_", r"\_") in tex for method in runs["method"]) and "standard error" in tex
         assert (root / "tables" / f"{name}.md").is_file()
     summary = pd.read_csv(root / "tables" / "ablations_summary.csv").set_index("method")
     assert summary.loc["varkd", ["sweep_tau", "sweep_k", "sweep_window"]].tolist() == [0.3, 16, 4]

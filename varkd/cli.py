@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "sample": (C.SampleJob, jobs.sample),
     "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
+    "noise-floor": (C.NoiseFloorJob, jobs.noise_floor),
 }
 
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv, _summary.csv, .md, .tex")
     agg.add_argument("--sweeps", type=json.loads, default=[],
                      help="JSON list of the sweep points of the table's runs (sweep, backbone, method, value)")
+    agg.add_argument("--noise", nargs="*", default=[], help="the backbones' noise.json files (the caption's noise floor)")
+    clm = sub.add_parser("claims", help="the paper's claims against the study's tables and diagnostics")
+    clm.add_argument("--summaries", nargs="*", default=[], help="tables' <table>_summary.csv files")
+    clm.add_argument("--diagnostics", nargs="*", default=[], help="diagnostics.csv files (varkd diagnose)")
+    clm.add_argument("--out-dir", required=True, help="the tables folder: claims.csv and claims.md go there")
     fig = sub.add_parser("plot", help="draw a figure of a results table (PNG and PDF)")
     fig.add_argument("figure", help="metrics, sweeps, curves, cost or samples (varkd/plots.py)")
     fig.add_argument("--results", required=True, help="the study's results folder (holding tables/)")
@@ -73,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "aggregate":
             from varkd.aggregate import aggregate
 
-            aggregate(args.metrics, args.out_dir, args.name, args.sweeps)
+            aggregate(args.metrics, args.out_dir, args.name, args.sweeps, args.noise)
+        elif args.command == "claims":
+            from varkd.claims import write_claims
+
+            write_claims(args.summaries, args.diagnostics, args.out_dir)
         elif args.command == "plot":
             import matplotlib
 

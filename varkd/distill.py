@@ -97,9 +97,9 @@ def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def validation_nll(model: GPT, codes: CodeSet, batch_size: int = 256, device: torch.device = torch.device("cpu"),
+def heldout_nll(model: GPT, codes: CodeSet, batch_size: int = 256, device: torch.device = torch.device("cpu"),
                    precision: str = "fp32") -> float:
-    """Mean negative log-likelihood per code (nats) of held-out sequences (view 0), conditional labels."""
+    """Mean negative log-likelihood per code (nats) of held-out sequences (view 0) under their class labels."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -170,7 +170,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
         raise ValueError(f"method {job.method!r} distils on ground truth: give teacher_logits or teacher")
 
     def validation() -> float:
-        return validation_nll(model, val_codes, device=device)
+        return heldout_nll(model, val_codes, device=device)
 
     pool = None
     if kd.uses_teacher_pool:

@@ -24,7 +24,8 @@ from varkd.npz import npz_headers
 
 
 def index_images(job: IndexImagesJob, device: Optional[torch.device] = None) -> None:
-    """Sorted class folders -> ids 0..C-1 and their images in torchvision ImageFolder's order, to index.npz."""
+    """Sorted class folders -> ids 0..C-1 and their images in torchvision ImageFolder's order (each class's slice
+    [first, first + count) of them), to index.npz."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = Path(job.root)
@@ -38,6 +39,14 @@ def index_images(job: IndexImagesJob, device: Optional[torch.device] = None) -> 
         raise FileNotFoundError(f"ImageFolder root {root}: {err}") from None
     paths = np.array([os.path.relpath(path, root) for path, _ in samples])
     labels = np.array([label for _, label in samples], dtype=np.int64)
+    keep = np.concatenate([np.flatnonzero(labels == c)[job.first : job.first + job.count if job.count else None]
+                           for c in range(len(classes))])
+    short = [classes[c] for c in range(len(classes)) if np.sum(labels[keep] == c) < max(job.count, 1)]
+    if short:
+        raise ValueError(f"ImageFolder root {root}: classes {short[:5]}{'...' if len(short) > 5 else ''} have fewer "
+                         f"than {job.first + max(job.count, 1)} images (images [{job.first}, "
+                         f"{job.first + job.count}) of each class were asked for)")
+    paths, labels = paths[keep], labels[keep]
     atomic_save_npz(job.out, paths=paths, labels=labels, classes=np.array(classes))
     print(f"{job.out}: {len(paths)} images in {len(classes)} classes under {root}")
 

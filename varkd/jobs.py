@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,10 +13,10 @@ from varkd.aggregate import TRAIN_COSTS
 from varkd.checkpoints import load_gpt, load_model, load_vq, save_model
 from varkd.classifier import Classifier, accuracy, classifier_loss
 from varkd.codes import load_code_set, save_code_set
-from varkd.config import (ClassifierJob, EvaluateJob, ExtractCodesJob, GatherSamplesJob, PrepareDataJob, SampleJob,
-                          TokenizerJob, to_yaml)
-from varkd.data import load_splits, read_split, save_splits
-from varkd.distill import check_codes, validation_nll
+from varkd.config import (ClassifierJob, EvaluateConfig, EvaluateJob, ExtractCodesJob, GatherSamplesJob, NoiseFloorJob,
+                          PrepareDataJob, SampleConfig, SampleJob, TokenizerJob, to_yaml)
+from varkd.data import SPLITS, load_digits, read_split, save_splits
+from varkd.distill import check_codes, heldout_nll
 from varkd.images import to_model_input
 from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance
 from varkd.loop import BatchOrder, train
@@ -27,9 +28,10 @@ from varkd.tokenizer import reconstruction_mse, tokenizer_loss
 
 
 def prepare_data(job: PrepareDataJob, device: torch.device) -> None:
-    train_split, val_split = load_splits(job.data)
-    save_splits(job.out, train_split, val_split)
-    print(f"{job.out}: {len(train_split)} train / {len(val_split)} held-out images {train_split.images.shape[1:]}")
+    splits = dict(zip(SPLITS, load_digits(job.data)))
+    save_splits(job.out, splits)
+    print(f"{job.out}: " + " / ".join(f"{len(s)} {name}" for name, s in splits.items())
+          + f" images {splits['train'].images.shape[1:]}")
 
 
 def _train_images(images: str, model: torch.nn.Module, optim, out_dir: str, config_text: str, seed: int,
@@ -47,22 +49,33 @@ def _train_images(images: str, model: torch.nn.Module, optim, out_dir: str, conf
 
 
 def train_tokenizer(job: TokenizerJob, device: torch.device) -> None:
-    """The VQ tokenizer (LlamaGen architecture); held-out reconstruction MSE is logged."""
-    torch.manual_seed(job.seed)  # the initial weights too: a job is a function of its config
-    model = VQModel(job.tokenizer.model).to(device)
+    """The VQ tokenizer (LlamaGen architecture); held-out reconstruction MSE is logged. A collapsed codebook fails
+    the job (tokenizer.min_codebook_usage) before anything downstream trains on it."""
+    cfg = job.tokenizer
+    torch.manual_seed(cfg.seed)  # the initial weights too: a job is a function of its config
+    model = VQModel(cfg.model).to(device)
     val = read_split(job.images, "val")
-    summary = _train_images(job.images, model, job.tokenizer.optim, job.out_dir, to_yaml(job), job.seed,
+    summary = _train_images(job.images, model, cfg.optim, job.out_dir, to_yaml(job), cfg.seed,
                             lambda m, x, y: tokenizer_loss(m, x), lambda: {"val_rec_mse": reconstruction_mse(model, val.images)},
                             device, "tokenizer")
-    save_model(Path(job.out_dir) / "tokenizer.pt", model, job.tokenizer.model, train=summary)
+    used = len(torch.unique(model.encode_to_codes(read_split(job.images, "train").images)))
+    summary["codes_used"] = used
+    usage = used / cfg.model.codebook_size
+    if usage < cfg.min_codebook_usage:
+        raise ValueError(f"the tokenizer collapsed: {used} of {cfg.model.codebook_size} codes ({usage:.2f}) in use on "
+                         f"the training images, below tokenizer.min_codebook_usage={cfg.min_codebook_usage}; every "
+                         "model of the study would see a few codes. Change tokenizer.seed or tokenizer.optim and "
+                         f"rerun (its training log: {Path(job.out_dir) / 'train_log.csv'})")
+    save_model(Path(job.out_dir) / "tokenizer.pt", model, cfg.model, train=summary)
     (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
-    print(f"tokenizer: held-out reconstruction MSE {summary['val_rec_mse']:.4f}")
+    print(f"tokenizer: held-out reconstruction MSE {summary['val_rec_mse']:.4f}, {used} of "
+          f"{cfg.model.codebook_size} codes used")
 
 
 def extract_codes(job: ExtractCodesJob, device: torch.device) -> None:
-    """Codes of every image, one code set per split (out_dir/train, out_dir/val), each image once (A = 1)."""
+    """Codes of every image, one code set per split (out_dir/train, val, test), each image once (A = 1)."""
     vq = load_vq(job.tokenizer).to(device)
-    for split in ("train", "val"):
+    for split in SPLITS:
         images = read_split(job.images, split)
         codes = vq.encode_to_codes(images.images, job.batch_size)
         used = len(torch.unique(codes))
@@ -101,52 +114,74 @@ def save_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, per_clas
         picture.save(tmp)
 
 
-def _sample_seed(job: SampleJob) -> int:
-    """Unsharded: the seed samples always had, so earlier results reproduce. Shard i: an independent stream drawn
-    from (run seed, sample seed, i), so shards differ and each one reruns identically."""
-    cfg = job.sample
-    if cfg.num_shards == 1:
-        return job.seed * 10007 + cfg.seed
-    return int(np.random.SeedSequence([job.seed, cfg.seed, job.shard]).generate_state(1, np.uint64)[0])
+# sampling streams of one run: the reported samples, the validation samples, the noise floor's k-th set
+TEST_STREAM, VAL_STREAM, NOISE_STREAM = 0, 1, 2
+
+
+def sample_seed(seed: int, cfg: SampleConfig, stream: int, index: int = 0) -> int:
+    """An independent stream per (run seed, sample.seed, stream, shard or noise set), so that shards and streams
+    differ and each reruns identically."""
+    return int(np.random.SeedSequence([seed, cfg.seed, stream, index]).generate_state(1, np.uint64)[0])
+
+
+def load_sampler(checkpoint: str, tokenizer: str, device: torch.device) -> tuple[GPT, VQModel]:
+    """The GPT to sample and the tokenizer that decodes its codes, checked to share a vocabulary."""
+    model, vq = load_gpt(checkpoint).to(device), load_vq(tokenizer).to(device)
+    if model.config.vocab_size != vq.config.codebook_size:
+        raise ValueError(f"{checkpoint} vocab_size={model.config.vocab_size} != tokenizer {tokenizer} "
+                         f"codebook_size={vq.config.codebook_size}")
+    return model, vq
+
+
+def balanced_labels(num_classes: int, count: int) -> np.ndarray:
+    """`count` class labels, class-balanced, in class order."""
+    return np.repeat(np.arange(num_classes), math.ceil(count / num_classes))[:count]
+
+
+def draw_images(model: GPT, vq: VQModel, labels: np.ndarray, cfg: SampleConfig, seed: int,
+                device: torch.device) -> np.ndarray:
+    """Plain AR samples (KV cache, CFG) of `labels`, decoded to uint8 NHWC; sample.resize_to > 0 resizes them bicubic
+    before the uint8 conversion (VQModel.decode_to_uint8)."""
+    generator, images = torch.Generator(device).manual_seed(seed), []
+    for i in range(0, len(labels), cfg.batch_size):
+        codes = generate(model, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg_scale=cfg.cfg_scale,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        images.append(vq.decode_to_uint8(codes, size=cfg.resize_to).numpy())
+    return np.concatenate(images)
 
 
 def sample(job: SampleJob, device: torch.device) -> None:
-    """N class-balanced samples (plain AR decoding, KV cache, CFG) -> samples.npz (arr_0 uint8 NHWC) + grid.png.
+    """N class-balanced samples -> samples.npz (arr_0 uint8 NHWC, labels) + grid.png, and sample.val_num_samples
+    more from another stream -> samples_val.npz (scored against the val split).
 
     With sample.num_shards > 1 this job draws shard `job.shard`, a contiguous slice of the label list
     (np.array_split), into samples/shard<i>.npz (same keys; no grid), which gather_samples joins in order.
-    sample.resize_to > 0 resizes the decoded images bicubic before the uint8 conversion (VQModel.decode_to_uint8).
     """
     cfg = job.sample
-    model, vq = load_gpt(job.checkpoint).to(device), load_vq(job.tokenizer).to(device)
-    if model.config.vocab_size != vq.config.codebook_size:
-        raise ValueError(f"{job.checkpoint} vocab_size={model.config.vocab_size} != tokenizer {job.tokenizer} "
-                         f"codebook_size={vq.config.codebook_size}")
-    classes = model.config.num_classes
-    labels = np.repeat(np.arange(classes), math.ceil(cfg.num_samples / classes))[: cfg.num_samples]
-    labels = torch.from_numpy(np.array_split(labels, cfg.num_shards)[job.shard])
-    generator = torch.Generator(device).manual_seed(_sample_seed(job))
-    start, images = time.perf_counter(), []
-    for i in range(0, len(labels), cfg.batch_size):
-        codes = generate(model, labels[i : i + cfg.batch_size].to(device), cfg_scale=cfg.cfg_scale,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
-        images.append(vq.decode_to_uint8(codes, size=cfg.resize_to).numpy())
-    images, labels = np.concatenate(images), labels.numpy()
+    model, vq = load_sampler(job.checkpoint, job.tokenizer, device)
+    labels = np.array_split(balanced_labels(model.config.num_classes, cfg.num_samples), cfg.num_shards)[job.shard]
+    start = time.perf_counter()
+    images = draw_images(model, vq, labels, cfg, sample_seed(job.seed, cfg, TEST_STREAM, job.shard), device)
     seconds = time.perf_counter() - start
     out = Path(job.out_dir)
     path = out / "samples.npz" if cfg.num_shards == 1 else out / "samples" / f"shard{job.shard}.npz"
-    atomic_save_npz(path, arr_0=images, labels=labels, sample_seconds=np.float64(seconds))
+    atomic_save_npz(path, arr_0=images, labels=labels)  # no timing inside: a rerun writes the same bytes
     if cfg.num_shards == 1:
         save_grid(out / "grid.png", images, labels, cfg.grid_per_class, cfg.grid_classes)
-    print(f"{path}: {images.shape} in {seconds:.1f} s")
+    if cfg.val_num_samples:
+        val_labels = balanced_labels(model.config.num_classes, cfg.val_num_samples)
+        val_images = draw_images(model, vq, val_labels, cfg, sample_seed(job.seed, cfg, VAL_STREAM), device)
+        atomic_save_npz(out / "samples_val.npz", arr_0=val_images, labels=val_labels)
+    print(f"{path}: {images.shape} in {seconds:.1f} s" + (f", {cfg.val_num_samples} validation samples"
+                                                          if cfg.val_num_samples else ""))
 
 
 def gather_samples(job: GatherSamplesJob, device: torch.device) -> None:
-    """Sample shards, in order -> out_dir/samples.npz (ADM layout: arr_0 uint8 NHWC, labels; sample_seconds their
-    sum) + grid.png. One shard is in memory at a time (50k samples at 256px are 9.8 GB): arr_0 is streamed."""
+    """Sample shards, in order -> out_dir/samples.npz (ADM layout: arr_0 uint8 NHWC, labels) + grid.png. One shard is
+    in memory at a time (50k samples at 256px are 9.8 GB): arr_0 is streamed."""
     if not job.shards:
         raise ValueError("gather-samples needs at least one shard")
-    headers = [npz_headers(p, ["arr_0", "labels", "sample_seconds"]) for p in job.shards]
+    headers = [npz_headers(p, ["arr_0", "labels"]) for p in job.shards]
     shape, dtype = headers[0]["arr_0"]
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise ValueError(f"{job.shards[0]}[arr_0] must be uint8 NHWC images with 3 channels, got {dtype} {shape}")
@@ -157,9 +192,7 @@ def gather_samples(job: GatherSamplesJob, device: torch.device) -> None:
                              f"is {dtype} {shape[1:]}")
         if header["labels"][0] != odd_shape[:1]:
             raise ValueError(f"shard {path}: labels {header['labels'][0]} do not match arr_0 {odd_shape}")
-    small = [load_npz(p, ["labels", "sample_seconds"]) for p in job.shards]
-    labels = np.concatenate([s["labels"] for s in small])
-    seconds = sum(float(s["sample_seconds"]) for s in small)
+    labels = np.concatenate([load_npz(p, ["labels"])["labels"] for p in job.shards])
     in_grid = np.zeros(len(labels), bool)  # the first grid_per_class samples of the first grid_classes classes
     for c in np.unique(labels)[: job.grid_classes]:
         in_grid[np.flatnonzero(labels == c)[: job.grid_per_class]] = True
@@ -178,49 +211,107 @@ def gather_samples(job: GatherSamplesJob, device: torch.device) -> None:
     with npz_writer(out / "samples.npz") as npz:
         npz.stream("arr_0", (len(labels), *shape[1:]), dtype, shard_images())
         npz.write("labels", labels)
-        npz.write("sample_seconds", np.float64(seconds))
     save_grid(out / "grid.png", np.concatenate(grid), labels[in_grid], job.grid_per_class, job.grid_classes)
     print(f"{out / 'samples.npz'}: {len(labels)} samples from {len(job.shards)} shards")
 
 
-def evaluate(job: EvaluateJob, device: torch.device) -> None:
-    """FID / IS / precision / recall, plus the model's validation NLL. The real side is ADM's reference batch
-    (evaluate.reference_batch, scored as ADM's evaluator does: IS splits of 5,000, so evaluate.isc_splits is unused)
-    when set, else the held-out split of job.reference. The real side and the extractor's weights are checked
-    before the samples are read."""
-    from varkd.metrics import compute_metrics, local_weights, read_reference_batch, reference_batch_metrics
+VAL_IMAGE_METRICS = ("fid", "isc_mean", "precision", "recall", "num_samples")  # stored as val_<key>
 
-    start, cfg = time.perf_counter(), job.evaluate
-    weights = cfg.weights or job.classifier
-    if cfg.reference_batch:  # (EvaluateConfig refuses kid here: ADM's evaluator has none)
-        reference = read_reference_batch(cfg.reference_batch)
-    elif job.reference is None:
-        raise ValueError("an evaluate job needs reference (an images.npz) or evaluate.reference_batch")
-    local_weights(cfg.feature_extractor, weights)
-    generated = load_npz(job.samples, [job.samples_key])[job.samples_key]
-    if job.num_samples and len(generated) > job.num_samples:
-        pick = np.random.default_rng(job.seed).choice(len(generated), job.num_samples, replace=False)
-        generated = generated[np.sort(pick)]
-    result = {**job.identity}
-    if cfg.reference_batch:
-        result.update(reference_batch_metrics(generated, reference, feature_extractor=cfg.feature_extractor,
-                                              weights_path=weights, device=device.type,
-                                              prc_neighborhood=cfg.prc_neighborhood))
-    else:
-        real = read_split(job.reference, "val").images
-        result.update(compute_metrics(generated, real, feature_extractor=cfg.feature_extractor, weights_path=weights,
-                                      device=device.type, kid=cfg.kid, prc_neighborhood=cfg.prc_neighborhood,
-                                      isc_splits=cfg.isc_splits, seed=job.seed))
+
+class RealSide:
+    """What samples are scored against: a split of the study's images.npz, or ADM's reference batch (read and
+    checked once, before any samples are read), in the feature space of one extractor."""
+
+    def __init__(self, cfg: EvaluateConfig, images: Optional[str], classifier: Optional[str]):
+        from varkd.metrics import local_weights, read_reference_batch
+
+        self.cfg, self.images = cfg, images
+        self.batch = read_reference_batch(cfg.reference_batch) if cfg.reference_batch else None
+        if self.batch is None and images is None:
+            raise ValueError("an evaluation needs reference (an images.npz) or evaluate.reference_batch")
+        self.weights = local_weights(cfg.feature_extractor, cfg.weights or classifier)
+
+    def score(self, generated: np.ndarray, split: str, device: torch.device, seed: int) -> dict:
+        """FID / IS / precision / recall of `generated` against the `split` images (or the reference batch, which
+        stands for the test split; scored as ADM's evaluator does, so evaluate.isc_splits is unused there)."""
+        from varkd.metrics import compute_metrics, reference_batch_metrics
+
+        cfg = self.cfg
+        if self.batch is not None:
+            return reference_batch_metrics(generated, self.batch, feature_extractor=cfg.feature_extractor,
+                                           weights_path=self.weights, device=device.type,
+                                           prc_neighborhood=cfg.prc_neighborhood)
+        return compute_metrics(generated, read_split(self.images, split).images, feature_extractor=cfg.feature_extractor,
+                               weights_path=self.weights, device=device.type, kid=cfg.kid,
+                               prc_neighborhood=cfg.prc_neighborhood, isc_splits=cfg.isc_splits, seed=seed)
+
+
+def _read_samples(path: str, key: str, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The images of a samples file, or a random subset of `count` of them (in file order)."""
+    images = load_npz(path, [key])[key]
+    if count and len(images) > count:
+        images = images[np.sort(rng.choice(len(images), count, replace=False))]
+    return images
+
+
+def training_wall_seconds(checkpoint: str) -> Optional[float]:
+    """The run's training wall time: the last `elapsed_s` of train_log.csv beside its checkpoint (not stored in the
+    checkpoint, so that a rerun writes the same bytes); None for imported models."""
+    import csv
+
+    log = Path(checkpoint).parent / "train_log.csv"
+    if not log.is_file():
+        return None
+    with log.open() as f:
+        rows = list(csv.DictReader(f))
+    return float(rows[-1]["elapsed_s"]) if rows and rows[-1].get("elapsed_s") else None
+
+
+def evaluate(job: EvaluateJob, device: torch.device) -> None:
+    """The reported metrics (samples against the test split or ADM's reference batch; NLL on the test codes) and
+    the validation ones (val_*: validation samples against the val split; NLL on the val codes). The real side and
+    the extractor's weights are checked before the samples are read."""
+    start = time.perf_counter()
+    real = RealSide(job.evaluate, job.reference, job.classifier)
+    key = job.real_key or "arr_0"
+    generated = _read_samples(job.samples, key, job.num_samples, np.random.default_rng([job.seed, TEST_STREAM]))
+    result = {**job.identity, **real.score(generated, "test", device, job.seed)}
+    if job.val_samples:
+        generated = _read_samples(job.val_samples, key, job.num_samples, np.random.default_rng([job.seed, VAL_STREAM]))
+        scores = real.score(generated, "val", device, job.seed)
+        result.update({f"val_{k}": scores[k] for k in VAL_IMAGE_METRICS if k in scores})
     if job.checkpoint:
         model, ckpt = load_model(job.checkpoint, GPTConfig, GPT, "GPT checkpoint")
-        codes = load_code_set(job.codes_val)
-        check_codes(codes, model)
-        result["val_nll"] = validation_nll(model.eval().to(device), codes, device=device)
-        train_summary = ckpt.get("train", {})  # cost of the run, to set quality against
-        for key in TRAIN_COSTS:
+        model = model.eval().to(device)
+        for name, codes_path in (("nll", job.codes_test), ("val_nll", job.codes_val)):
+            codes = load_code_set(codes_path)
+            check_codes(codes, model)
+            result[name] = heldout_nll(model, codes, device=device)
+        train_summary = {**ckpt.get("train", {}), "wall_s": training_wall_seconds(job.checkpoint)}
+        for key in TRAIN_COSTS:  # cost of the run, to set quality against
             result[f"train_{key}"] = train_summary.get(key)
     result["eval_wall_s"] = round(time.perf_counter() - start, 2)
     result["provenance"] = provenance(device.type)
     atomic_write_json(job.out, result)
-    print(f"{job.out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in ("fid", "isc_mean", "precision", "recall")
+    print(f"{job.out}: " + ", ".join(f"{k}={result[k]:.4g}" for k in ("fid", "isc_mean", "precision", "recall",
+                                                                       "nll", "val_fid", "val_nll")
                                      if isinstance(result.get(k), float)))
+
+
+def noise_floor(job: NoiseFloorJob, device: torch.device) -> None:
+    """The model sampled with evaluate.noise_seeds sampling seeds, each set scored against the test split like a
+    run's samples -> noise.json: every set's metrics, their mean and standard deviation over sampling seeds."""
+    real = RealSide(job.evaluate, job.reference, job.classifier)
+    model, vq = load_sampler(job.checkpoint, job.tokenizer, device)
+    labels = balanced_labels(model.config.num_classes, job.sample.num_samples)
+    sets = []
+    for k in range(job.evaluate.noise_seeds):
+        images = draw_images(model, vq, labels, job.sample, sample_seed(job.seed, job.sample, NOISE_STREAM, k), device)
+        sets.append(real.score(images, "test", device, job.seed))
+    metrics = [k for k in ("fid", "isc_mean", "precision", "recall") if k in sets[0]]
+    values = {k: np.array([s[k] for s in sets], dtype=np.float64) for k in metrics}
+    atomic_write_json(job.out, {**job.identity, "num_samples": job.sample.num_samples, "noise_seeds": len(sets),
+                                "mean": {k: float(v.mean()) for k, v in values.items()},
+                                "sd": {k: float(v.std(ddof=1)) for k, v in values.items()},
+                                "sets": sets, "provenance": provenance(device.type)})
+    print(f"{job.out}: " + ", ".join(f"{k} {v.mean():.3f} ± {v.std(ddof=1):.3f} (sd)" for k, v in values.items()))

@@ -191,7 +191,7 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
     (a weighted mean normalised by its part's weights). `config_text` identifies the run: a checkpoint written
     under a different config is not resumed. `state` (anything with state_dict / load_state_dict, e.g. a replay
     buffer) is checkpointed with the model, per rank as the random state. Rank 0 alone writes the log and the
-    checkpoint, and evaluates. Returns a summary (steps, wall time, last logs, final evaluation). Leaves
+    checkpoint, and evaluates. Returns a summary (steps, last logs, final evaluation). Leaves
     `checkpoint.pt` in place; the caller deletes it once the final weights are written.
     """
     rank, world = distributed.rank(), distributed.world_size()
@@ -286,4 +286,5 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
                                   "that step and a rerun resumes from it")
     save_checkpoint()  # the caller's final file may fail to write: keep a resumable state until it exists
     final = eval_fn() if eval_fn is not None and rank == 0 else {}
-    return {"steps": step, "wall_s": round(elapsed, 2), **{f"final_{k}": v for k, v in logs.items()}, **final}
+    # no wall time here: it goes into checkpoints, which must be the same bytes on a rerun (train_log.csv has it)
+    return {"steps": step, **{f"final_{k}": v for k, v in logs.items()}, **final}

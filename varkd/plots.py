@@ -84,10 +84,10 @@ def curves(table: Table) -> plt.Figure:
 
 
 def cost(table: Table) -> plt.Figure:
-    """Quality against training cost: FID and validation NLL against training wall time, one point per run."""
+    """Quality against training cost: test FID and NLL against training wall time, one point per run."""
     runs = table.compared
     long = runs.melt(id_vars=["backbone", "method", "seed", "train_wall_s"],
-                     value_vars=[m for m in ("fid", "val_nll") if m in _metrics(runs)], var_name="metric")
+                     value_vars=[m for m in ("fid", "nll") if m in _metrics(runs)], var_name="metric")
     long["metric"] = long["metric"].map(header)
     grid = sns.relplot(long, x="train_wall_s", y="value", hue="method", style="backbone", col="metric",
                        s=60, height=3.2, facet_kws={"sharey": False})

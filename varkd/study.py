@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILES
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
-from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, EvaluateJob, ExtractCodesJob,
-                          GatherCodesJob, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob, IndexImagesJob, MethodConfig,
-                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleJob, StudyConfig, SweepConfig,
-                          TeacherLogitsJob, TeacherPoolJob, TermConfig, TokenizerJob, TrainJob, check_pair, structured,
-                          to_yaml)
+from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, EvaluateJob,
+                          ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob,
+                          IndexImagesJob, MethodConfig, NoiseFloorJob, PrepareDataJob, ResourceConfig, RolloutConfig,
+                          SampleConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
+                          TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
 from varkd.models.gpt import gpt_config
 
 RESULTS = "results"
@@ -340,6 +340,16 @@ class Study:
         return [Run(b, m, s) for b in self.cfg.backbones for m in methods for s in self.cfg.seeds
                 if b in sweeps.get(m, self.cfg.backbones)]
 
+    def noise_file(self, backbone: str) -> str:
+        """The noise floor of a backbone: its student init sampled with several sampling seeds (NoiseFloorJob)."""
+        return self.path(backbone, "student_init", "noise.json")
+
+    def noise_files(self) -> list[str]:
+        """The noise floors the tables' captions quote (none when evaluate.noise_seeds is 0 or without inits)."""
+        if not self.cfg.evaluate.noise_seeds:
+            return []
+        return [self.noise_file(b) for b in self.cfg.backbones if self.student_init(b)]
+
     def metrics_files(self, methods: list[str] | None = None) -> list[str]:
         """Every metrics.json a table needs: the real-vs-real floor, each teacher and student init, the runs."""
         runs = self.runs(methods)
@@ -381,21 +391,25 @@ class Study:
             self.jobs[self.path("data", "classifier", "config.yaml")] = ClassifierJob(
                 classifier=cfg.classifier, images=self.images, out_dir=self.path("data", "classifier"))
         self.jobs[self.path("real", "evaluate.yaml")] = EvaluateJob(
-            evaluate=cfg.evaluate, samples=self.images, samples_key="train_images",
-            num_samples=cfg.sample.num_samples, reference=self.images, classifier=self.classifier,
-            identity={"backbone": "-", "method": "real", "seed": 0}, out=self.path("real", "metrics.json"))
+            evaluate=cfg.evaluate, samples=self.images, val_samples=self.images if cfg.sample.val_num_samples else None,
+            real_key="train_images", num_samples=cfg.sample.num_samples, reference=self.images,
+            classifier=self.classifier, identity={"backbone": "-", "method": "real", "seed": 0},
+            out=self.path("real", "metrics.json"))
 
     def _add_extraction_jobs(self) -> None:
         """Paper scale: per split, the ImageFolder index, codes.num_shards extraction jobs, and their gathering."""
         cfg = self.cfg
-        for split in ("train", "val"):
+        # (tree, each class's first image, how many): val and test are disjoint slices of the val/ tree
+        slices = {"train": ("train", 0, 0), "val": ("val", 0, cfg.data.val_per_class),
+                  "test": ("val", cfg.data.val_per_class, cfg.data.test_per_class)}
+        for split, (tree, first, count) in slices.items():
             index = self.path("data", "index", f"{split}.npz")
             self.jobs[self.path("data", "index", f"{split}.yaml")] = IndexImagesJob(
-                root=f"{cfg.data.root}/{split}", out=index)
+                root=f"{cfg.data.root}/{tree}", first=first, count=count, out=index)
             shards = [self.code_shard(split, i) for i in range(cfg.codes.num_shards)]
             for i, shard in enumerate(shards):
                 self.jobs[shard.replace(".npz", ".yaml")] = CodeShardJob(
-                    tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{split}",
+                    tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{tree}",
                     image_size=cfg.data.image_size, augment=cfg.codes.augment if split == "train" else "none",
                     crop_range=cfg.codes.crop_range, shard=i, num_shards=cfg.codes.num_shards,
                     batch_size=cfg.codes.batch_size, out=shard)
@@ -406,7 +420,8 @@ class Study:
         return [f"{run_dir}/samples/shard{i}.npz" for i in range(n)] if n > 1 else []
 
     def _add_generation_jobs(self, run_dir: str, checkpoint: str, identity: dict[str, Any], seed: int,
-                             cfg_scale: float | None) -> None:
+                             cfg_scale: float | None) -> SampleConfig:
+        """Sampling and evaluation of a run; returns its sampling settings."""
         cfg = self.cfg
         sample = cfg.sample if cfg_scale is None else dataclasses.replace(cfg.sample, cfg_scale=cfg_scale)
         shards = self.samples_shards(run_dir)
@@ -419,9 +434,11 @@ class Study:
                 shards=shards, grid_per_class=cfg.sample.grid_per_class, grid_classes=cfg.sample.grid_classes,
                 out_dir=run_dir)
         self.jobs[f"{run_dir}/evaluate.yaml"] = EvaluateJob(
-            evaluate=cfg.evaluate, samples=f"{run_dir}/samples.npz", reference=self.images,
-            classifier=self.classifier, checkpoint=checkpoint, codes_val=self.codes("val"), identity=identity,
-            seed=seed, out=f"{run_dir}/metrics.json")
+            evaluate=cfg.evaluate, samples=f"{run_dir}/samples.npz",
+            val_samples=f"{run_dir}/samples_val.npz" if sample.val_num_samples else None, reference=self.images,
+            classifier=self.classifier, checkpoint=checkpoint, codes_val=self.codes("val"),
+            codes_test=self.codes("test"), identity=identity, seed=seed, out=f"{run_dir}/metrics.json")
+        return sample
 
     def _add_import_job(self, backbone: str, role: str, out: str) -> None:
         size, path = self.pretrained[(backbone, role)]
@@ -461,9 +478,13 @@ class Study:
                 study=self.name, backbone=backbone, method="student_init", seed=bb.teacher_seed, model=bb.student,
                 kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=self.cfg.student_pretrain,
                 codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=sdir)
-        self._add_generation_jobs(sdir, f"{sdir}/student.pt",
-                                  {"backbone": backbone, "method": "student_init", "seed": bb.teacher_seed},
-                                  bb.teacher_seed, bb.student_cfg_scale)
+        identity = {"backbone": backbone, "method": "student_init", "seed": bb.teacher_seed}
+        sample = self._add_generation_jobs(sdir, f"{sdir}/student.pt", identity, bb.teacher_seed, bb.student_cfg_scale)
+        if self.cfg.evaluate.noise_seeds:
+            self.jobs[f"{sdir}/noise.yaml"] = NoiseFloorJob(
+                sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
+                checkpoint=f"{sdir}/student.pt", tokenizer=self.tokenizer, reference=self.images,
+                classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
 
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)

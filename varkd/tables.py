@@ -1,4 +1,5 @@
-"""A results table: the summary over seeds of its runs, the best method per column, its Markdown and LaTeX forms.
+"""A results table: the summary over seeds of its runs, the clear best per column, differences to a reference method
+with their standard errors, its Markdown and LaTeX forms.
 
 Every rendering comes from the summary (<table>_summary.csv), which the plots and notebooks read too, so a
 number reads the same in the paper table, the report and a notebook.
@@ -12,26 +13,33 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-METRICS = {"fid": "min", "isc_mean": "max", "precision": "max", "recall": "max", "val_nll": "min"}  # better is
+METRICS = {"fid": "min", "isc_mean": "max", "precision": "max", "recall": "max", "nll": "min"}  # test split; better is
+VALIDATION = {f"val_{m}": better for m, better in METRICS.items()}  # the same on the val split: every choice uses these
 COSTS = ["train_wall_s", "train_teacher_forwards", "train_rollout_steps"]  # the cost columns the tables show
 REFERENCES = ("real", "teacher", "student_init")  # rows for reference: shown, never compared or marked best
-DECIMALS = {"fid": 2, "isc_mean": 2, "precision": 3, "recall": 3, "val_nll": 3}
+DECIMALS = {"fid": 2, "isc_mean": 2, "precision": 3, "recall": 3, "nll": 3}
+DECIMALS.update({f"val_{m}": d for m, d in DECIMALS.items()})
 LABELS = {"backbone": "Backbone", "method": "Method", "fid": "FID", "isc_mean": "IS", "precision": "Precision",
-          "recall": "Recall", "val_nll": "NLL", "train_wall_s": "Train s", "train_teacher_forwards": "Teacher fwd",
+          "recall": "Recall", "nll": "NLL", "train_wall_s": "Train s", "train_teacher_forwards": "Teacher fwd",
           "train_rollout_steps": "Rollout steps"}
+LABELS.update({f"val_{m}": f"val {LABELS[m]}" for m in METRICS})
+SIGNIFICANCE = 2.0  # a difference counts when it exceeds this many standard errors (~95% for a normal difference)
 
 
 def summarise(runs: pd.DataFrame, sweeps: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
-    """Per (backbone, method): n runs, mean and std over seeds of every metric and train_* cost, plus a
-    sweep_<name> column per sweep (Study.sweep_points) with the value of the swept key on the sweep's rows.
+    """Per (backbone, method): n runs, and the mean, standard deviation and standard error (std / sqrt(n)) over
+    seeds of every metric (test and val_*) and train_* cost, plus a sweep_<name> column per sweep
+    (Study.sweep_points) with the value of the swept key on the sweep's rows.
 
     Rows: real images first, then a block per backbone: its teacher, its student init, its methods in the runs' order.
     """
-    values = [c for c in runs if c in METRICS or c.startswith("train_")]
+    values = [c for c in runs if c in METRICS or c in VALIDATION or c.startswith("train_")]
     groups = runs.groupby(["backbone", "method"], sort=False)
     summary = groups[values].agg(["mean", "std"])
     summary.columns = [f"{column}_{stat}" for column, stat in summary.columns]
     summary.insert(0, "n", groups.size())
+    for column in values:
+        summary[f"{column}_se"] = summary[f"{column}_std"] / np.sqrt(groups[column].count())
     summary = summary.reset_index()
     if sweeps:
         points = pd.DataFrame(sweeps)
@@ -43,34 +51,48 @@ def summarise(runs: pd.DataFrame, sweeps: Sequence[dict[str, Any]] = ()) -> pd.D
     return summary.reset_index(drop=True)  # sorting by two columns is stable: the methods keep the runs' order
 
 
+def outside_noise(difference: float, se: float) -> bool:
+    """A difference the seeds can tell from zero: |d| > SIGNIFICANCE * se (never with an unknown se)."""
+    return bool(np.isfinite(se) and abs(difference) > SIGNIFICANCE * se)
+
+
 def best(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per metric, True on each backbone's best compared method (mean at the shown precision: ties all marked)."""
+    """Per metric, True on each backbone's best compared method when it beats every other compared method of the
+    backbone by more than the noise (outside_noise of the difference of means, its standard error from both rows'
+    seeds); False everywhere when the best is within the noise of another, or a row has a single seed."""
     compared = ~summary["method"].isin(REFERENCES)
-    marks = pd.DataFrame(index=summary.index)
-    for metric, better in METRICS.items():
-        if f"{metric}_mean" in summary:
-            shown = summary[f"{metric}_mean"].round(DECIMALS[metric]).where(compared)
-            marks[metric] = shown.eq(shown.groupby(summary["backbone"]).transform(better))
+    marks = pd.DataFrame(False, index=summary.index, columns=[m for m in METRICS if f"{m}_mean" in summary])
+    for metric in marks:
+        sign = 1 if METRICS[metric] == "min" else -1  # sign * mean: lower is better
+        for _, block in summary[compared].groupby("backbone", sort=False):
+            score = sign * block[f"{metric}_mean"]
+            if score.isna().all() or len(block) < 2:
+                continue
+            top, rest = score.idxmin(), score.drop(score.idxmin()).index
+            se = np.sqrt(block.loc[rest, f"{metric}_se"] ** 2 + block.loc[top, f"{metric}_se"] ** 2)
+            gaps = score[rest] - score[top]
+            marks.loc[top, metric] = all(outside_noise(g, e) for g, e in zip(gaps, se))
     return marks
 
 
-def mean_std(mean: float, std: float, decimals: int, pm: str = " ± ") -> str:
-    """`mean ± std` at the metric's precision; the mean alone for one seed; empty where there is no value."""
+def mean_std(mean: float, spread: float, decimals: int, pm: str = " ± ") -> str:
+    """`mean ± spread` at the metric's precision; the mean alone for one seed; empty where there is no value."""
     if pd.isna(mean):
         return ""
-    return f"{mean:.{decimals}f}" if pd.isna(std) else f"{mean:.{decimals}f}{pm}{std:.{decimals}f}"
+    return f"{mean:.{decimals}f}" if pd.isna(spread) else f"{mean:.{decimals}f}{pm}{spread:.{decimals}f}"
 
 
 def _cells(summary: pd.DataFrame, bold: Callable[[str], str], italic: Callable[[str], str], pm: str,
            escape: Callable[[str], str] = str) -> pd.DataFrame:
-    """The shown table: metrics as mean ± std with the best in bold, costs as means, reference rows in italics."""
+    """The shown table: metrics as mean ± standard error with a clear best in bold, costs as means, reference rows
+    in italics."""
     marks = best(summary)
     shown = pd.DataFrame({"backbone": summary["backbone"].map(escape),
                           "method": [italic(escape(m)) if m in REFERENCES else escape(m) for m in summary["method"]],
                           "n": summary["n"]})
     for metric in marks:
-        means, stds = summary[f"{metric}_mean"], summary[f"{metric}_std"]
-        cells = [mean_std(a, b, DECIMALS[metric], pm) for a, b in zip(means, stds)]
+        means, errors = summary[f"{metric}_mean"], summary[f"{metric}_se"]
+        cells = [mean_std(a, b, DECIMALS[metric], pm) for a, b in zip(means, errors)]
         shown[metric] = [bold(c) if mark else c for c, mark in zip(cells, marks[metric])]
     for cost in COSTS:
         if f"{cost}_mean" in summary:
@@ -85,7 +107,8 @@ def header(column: str, down: str = "↓", up: str = "↑") -> str:
 
 
 def markdown(summary: pd.DataFrame) -> str:
-    """The table in Markdown (the .md file, the notebooks): mean ± std, best in bold, reference rows in italics."""
+    """The table in Markdown (the .md file, the notebooks): mean ± standard error, a clear best in bold, reference
+    rows in italics."""
     shown = _cells(summary, lambda c: f"**{c}**", lambda m: f"*{m}*", " ± ")
     return shown.rename(columns=header).to_markdown(index=False)
 
@@ -99,7 +122,7 @@ def _tex(text: Any) -> str:
 
 def latex(summary: pd.DataFrame) -> str:
     """A booktabs tabular (\\usepackage{booktabs}) to \\input in a table: a block per backbone, reference rows
-    first and in italics, mean $\\pm$ std over seeds, each backbone's best compared method in bold."""
+    first and in italics, mean $\\pm$ standard error over seeds, each backbone's clear best compared method in bold."""
     shown = _cells(summary, lambda c: rf"\textbf{{{c}}}", lambda m: rf"\textit{{{m}}}", r" $\pm$ ", _tex)
     labels = ["$n$" if c == "n" else header(c, r"$\downarrow$", r"$\uparrow$") for c in shown]
     lines = [rf"\begin{{tabular}}{{ll{'r' * (shown.shape[1] - 2)}}}", r"\toprule", " & ".join(labels) + r" \\"]
@@ -113,8 +136,9 @@ def latex(summary: pd.DataFrame) -> str:
 
 
 def differences(summary: pd.DataFrame, against: str) -> pd.DataFrame:
-    """Each compared method minus `against` on the same backbone, per metric: the difference of the means and its
-    standard error sqrt(s1²/n1 + s2²/n2) (NaN with one seed: no spread to judge the difference by)."""
+    """Each compared method minus `against` on the same backbone, per metric: the difference of the means, its
+    standard error sqrt(se1² + se2²) (NaN with one seed: no spread to judge the difference by) and whether it is
+    outside the noise."""
     rows = []
     for backbone, block in summary[~summary["method"].isin(REFERENCES)].groupby("backbone", sort=False):
         base = block[block["method"] == against]
@@ -124,11 +148,25 @@ def differences(summary: pd.DataFrame, against: str) -> pd.DataFrame:
         for _, row in block[block["method"] != against].iterrows():
             for metric in METRICS:
                 if f"{metric}_mean" in summary:
-                    mean, std = f"{metric}_mean", f"{metric}_std"
+                    mean, se = f"{metric}_mean", f"{metric}_se"
+                    difference = row[mean] - base[mean]
+                    error = np.sqrt(row[se] ** 2 + base[se] ** 2)
                     rows.append({"backbone": backbone, "method": row["method"], "metric": metric,
-                                 "difference": row[mean] - base[mean],
-                                 "se": np.sqrt(row[std] ** 2 / row["n"] + base[std] ** 2 / base["n"])})
-    return pd.DataFrame(rows, columns=["backbone", "method", "metric", "difference", "se"])
+                                 "difference": difference, "se": error,
+                                 "outside_noise": outside_noise(difference, error)})
+    return pd.DataFrame(rows, columns=["backbone", "method", "metric", "difference", "se", "outside_noise"])
+
+
+def differences_markdown(summary: pd.DataFrame, against: str) -> str:
+    """The differences to `against` as a table (difference ± standard error), those outside the noise in bold."""
+    diff = differences(summary, against)
+    if diff.empty:
+        return ""
+    diff["shown"] = [(lambda c: f"**{c}**" if sig else c)(mean_std(d, se, DECIMALS[m]))
+                     for d, se, m, sig in zip(diff["difference"], diff["se"], diff["metric"], diff["outside_noise"])]
+    wide = diff.pivot(index=["backbone", "method"], columns="metric", values="shown")
+    wide = wide.loc[diff.set_index(["backbone", "method"]).index.unique(), [m for m in METRICS if m in wide]]
+    return wide.rename(columns=header).reset_index().rename(columns=header).to_markdown(index=False)
 
 
 @dataclass

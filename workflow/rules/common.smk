@@ -6,6 +6,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from varkd.data import SPLITS
 from varkd.study import Study
 
 
@@ -27,7 +28,7 @@ wildcard_constraints:
     table=r"main|baselines|ablations",
     figure=r"[a-z]+",
     pool=r"pool_[0-9a-f]+",
-    split=r"train|val",
+    split=r"train|val|test",
     shard=r"\d+",
     k=r"\d+",
 

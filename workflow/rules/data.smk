@@ -90,10 +90,7 @@ else:
         input:
             unpack(job("results/{study}/data/codes/config.yaml")),
         output:
-            "results/{study}/data/codes/train/codes.npy",
-            "results/{study}/data/codes/train/labels.npy",
-            "results/{study}/data/codes/val/codes.npy",
-            "results/{study}/data/codes/val/labels.npy",
+            expand("results/{{study}}/data/codes/{split}/{file}", split=SPLITS, file=("codes.npy", "labels.npy")),
         log:
             "results/logs/{study}/extract_codes.log",
         threads: STUDY.resources("extract_codes").cpus

@@ -1,12 +1,13 @@
 if STUDY.cfg.sample.num_shards == 1:
 
     rule sample:
-        """Class-balanced samples of a teacher or student run, and a grid of them."""
+        """Class-balanced samples of a teacher or student run, a grid of them, and validation samples."""
         input:
             unpack(job("results/{study}/{rundir}/sample.yaml")),
         output:
             "results/{study}/{rundir}/samples.npz",
             "results/{study}/{rundir}/grid.png",
+            ["results/{study}/{rundir}/samples_val.npz"] * bool(STUDY.cfg.sample.val_num_samples),
         log:
             "results/logs/{study}/{rundir}/sample.log",
         threads: STUDY.resources("sample").cpus
@@ -60,6 +61,22 @@ rule evaluate:
         **cluster_resources("evaluate"),
     shell:
         "varkd evaluate {input.config} --threads {threads} > {log} 2>&1"
+
+
+rule noise_floor:
+    """A backbone's student init sampled with several sampling seeds and scored each time: the metrics' noise
+    floor that the tables quote."""
+    input:
+        unpack(job("results/{study}/{backbone}/student_init/noise.yaml")),
+    output:
+        "results/{study}/{backbone}/student_init/noise.json",
+    log:
+        "results/logs/{study}/{backbone}/student_init/noise.log",
+    threads: STUDY.resources("noise_floor").cpus
+    resources:
+        **cluster_resources("noise_floor"),
+    shell:
+        "varkd noise-floor {input.config} --threads {threads} > {log} 2>&1"
 
 
 if STUDY.images:

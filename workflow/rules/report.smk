@@ -6,7 +6,8 @@ localrules:
 rule aggregate:
     """A table's metrics.json files -> tables/<table>.csv (one row per run), _summary.csv (over seeds), .md, .tex."""
     input:
-        lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
+        metrics=lambda wc: STUDY.metrics_files(STUDY.table_methods(wc.table)),
+        noise=STUDY.noise_files(),
     output:
         "results/{study}/tables/{table}.csv",
         report(
@@ -20,8 +21,8 @@ rule aggregate:
     params:
         sweeps=lambda wc: json.dumps(STUDY.sweep_points(STUDY.table_methods(wc.table))),
     shell:
-        "varkd aggregate {input} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
-        " --sweeps {params.sweeps:q}"
+        "varkd aggregate {input.metrics} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
+        " --sweeps {params.sweeps:q} --noise {input.noise}"
 
 
 rule plot:
