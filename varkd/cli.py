@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import checkpoints, clusters, distill, distributed, imagefolder, jobs
+from varkd import checkpoints, clusters, diagnostics, distill, distributed, imagefolder, jobs
 from varkd.loop import Interrupted, rank_parts
 
 
@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "sample": (C.SampleJob, jobs.sample),
     "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
+    "diagnose": (C.DiagnoseJob, diagnostics.diagnose),
 }
 
 
