@@ -173,10 +173,9 @@ class Table:
 def horizon(diagnostics: pd.DataFrame) -> pd.DataFrame:
     """Per backbone, method, context and quantity: the mean over every position, over the first quarter of the
     raster order and over its last quarter (how the teacher's reliability changes along the decoding horizon)."""
-    frame = diagnostics.copy()
-    length = frame.groupby(["backbone", "method", "context", "quantity"], sort=False)["position"].transform("max") + 1
-    spans = {"all": frame["position"] >= 0, "first_quarter": frame["position"] < length / 4,
-             "last_quarter": frame["position"] >= 3 * length / 4}
     keys = ["backbone", "method", "context", "quantity"]
-    columns = {span: frame[rows].groupby(keys, sort=False)["mean"].mean() for span, rows in spans.items()}
+    position = diagnostics["position"]
+    length = diagnostics.groupby(keys, sort=False)["position"].transform("max") + 1
+    spans = {"all": position >= 0, "first_quarter": position < length / 4, "last_quarter": position >= 3 * length / 4}
+    columns = {span: diagnostics[rows].groupby(keys, sort=False)["mean"].mean() for span, rows in spans.items()}
     return pd.DataFrame(columns).reset_index()
