@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO, assert_summary_matches_metrics_files
-from varkd import cli, plots, study
+from varkd import cli, diagnostics, plots, study
 from varkd.io import atomic_save_npz
 
 SWEEP = [{"sweep": "tau", "backbone": "tiny", "method": m, "value": v}
@@ -18,7 +18,8 @@ SWEEP = [{"sweep": "tau", "backbone": "tiny", "method": m, "value": v}
 
 @pytest.fixture
 def results(tmp_path) -> Path:
-    """results/<study>/ with the real floor, a teacher, a student init and two methods, a sweep run, two seeds."""
+    """results/<study>/ with the real floor, a teacher, a student init and two methods, a sweep run, two seeds; the
+    diagnostics of the student init and of each method's first seed."""
     root, rng = tmp_path / "results" / "mini", np.random.default_rng(0)
     runs = [("real", "-", "real", 0), ("tiny/teacher", "tiny", "teacher", 0),
             ("tiny/student_init", "tiny", "student_init", 0)]
@@ -35,6 +36,9 @@ def results(tmp_path) -> Path:
             pd.DataFrame({"step": [4, 8], "loss": [2.0, 1.5], "val_nll": [np.nan, 1.4]}).to_csv(
                 run / "train_log.csv", index=False)
         (run / "metrics.json").write_text(json.dumps(metrics))
+        if method == "student_init" or seed == 0 and method not in ("real", "teacher"):  # what the study diagnoses
+            values = {c: {q: rng.uniform(size=(5, 16)) for q in diagnostics.QUANTITIES} for c in diagnostics.CONTEXTS}
+            diagnostics.per_position(values, metrics).to_csv(run / "diagnostics.csv", index=False)
     return root
 
 

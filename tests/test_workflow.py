@@ -157,6 +157,12 @@ def test_miniature_study_end_to_end(presets):
     assert len(noise["sets"]) == 2 and "Noise floor" in (root / "tables" / "main.md").read_text()
     assert sorted(p.name for p in (root / "plots").iterdir()) == sorted(
         f"main_{figure}.{ext}" for figure in FIGURES for ext in ("png", "pdf"))
+    assert "diagnostics" in FIGURES
+    for run in ("tiny/student_init", "tiny/ce/seed0", "tiny/fkl/seed0", "tiny/varkd/seed0"):
+        diagnostics = pd.read_csv(root / run / "diagnostics.csv")
+        assert set(diagnostics["context"]) == {"ground_truth", "student"} and diagnostics["mean"].notna().all(), run
+        assert (diagnostics["n"] == 100).all()  # the 100 held-out sequences (fewer than diagnose.num_sequences)
+    assert not (root / "tiny" / "teacher" / "diagnostics.csv").exists()
 
     assert jobs_to_run(workdir) == {}  # a second run does nothing
 
@@ -167,7 +173,7 @@ def test_miniature_study_end_to_end(presets):
     fkl = presets / "methods" / "fkl.yaml"
     fkl.write_text(fkl.read_text().replace("temperature: 1.0", "temperature: 2.0"))
     assert jobs_to_run(workdir) == {"resolve_config": 1, "train_student": 1, "sample": 1, "evaluate": 1,
-                                    "aggregate": 1, "plot": len(FIGURES)}
+                                    "diagnose": 1, "aggregate": 1, "plot": len(FIGURES)}
     fkl.write_text(fkl.read_text().replace("temperature: 2.0", "temperature: 1.0"))
 
     # every baseline, VarKD ablation and sweep runs through the same rules (one teacher pool per rollout
@@ -189,6 +195,9 @@ def test_miniature_study_end_to_end(presets):
     assert sjd["train_rollout_tokens"] == ar["train_rollout_tokens"]
     assert sjd["train_rollout_steps"] < ar["train_rollout_steps"]
     assert sorted(p.name for p in (root / "data" / "clusters").glob("*.npy")) == ["k16.npy", "k4.npy", "k64.npy"]
+    diagnosed = {p.parent.relative_to(root).as_posix() for p in root.rglob("diagnostics.csv")}
+    assert diagnosed == {"tiny/student_init"} | {f"tiny/{m}/seed0" for m in ablations.index[3:]} | {
+        f"tiny/{m}/seed0" for m in table["method"][3:]}
 
     # what researchers read: tables, figures, the report, the notebooks
     for name in ("main", "baselines", "ablations"):

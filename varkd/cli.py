@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from varkd import config as C
-from varkd import checkpoints, clusters, distill, distributed, imagefolder, jobs
+from varkd import checkpoints, clusters, diagnostics, distill, distributed, imagefolder, jobs
 from varkd.loop import Interrupted, rank_parts
 
 
@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
     "evaluate": (C.EvaluateJob, jobs.evaluate),
     "noise-floor": (C.NoiseFloorJob, jobs.noise_floor),
+    "diagnose": (C.DiagnoseJob, diagnostics.diagnose),
 }
 
 

@@ -353,6 +353,29 @@ class EvaluateConfig:
 
 
 @dataclass
+class DiagnoseConfig:
+    """Mechanism diagnostics (varkd.diagnostics): how reliable the teacher's supervision is along the raster order,
+    on held-out sequences and on the student's own samples (the on-policy rollout distribution by default)."""
+
+    num_sequences: int = 500  # held-out sequences (a seeded subset of the validation set; all if it has fewer)
+    batch_size: int = 100  # sequences per forward: bounds memory ([batch, T, V] logits per model)
+    # the student's samples: plain AR decoding (varkd.sampling.generate), unguided and unfiltered by default
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # the teacher's forward: bf16 autocast, the targets training distils towards (cached or live); fp32 for exact
+    # comparisons. The student always runs in fp32, as its validation NLL.
+    teacher_precision: str = "bf16"
+
+    def __post_init__(self):
+        _check_positive(self, "num_sequences", "batch_size")
+        _check_choice("diagnose.teacher_precision", self.teacher_precision, ("bf16", "fp32"))
+        if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("diagnose needs cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+@dataclass
 class TokenizerConfig:
     """A tokenizer trained by the workflow, or (pretrained) a released one imported from the checkpoints folder."""
 
@@ -490,6 +513,8 @@ class StudyConfig:
     teacher_pool_shards: int = 1  # jobs a teacher pool is drawn in (needs cache_teacher_logits: false)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # diagnostics.csv of each backbone's student init and of each method's first seed (varkd.diagnostics)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     # Per method preset, dotted keys set in it and in every preset derived from it (base:), e.g. a GPU-sized SJD
     # window at paper scale: {varkd: {rollout.window: 16}}.
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -798,6 +823,27 @@ class NoiseFloorJob:
         files = (self.checkpoint, self.tokenizer, self.reference, self.classifier, self.evaluate.weights,
                  self.evaluate.reference_batch)
         return [p for p in files if p]
+
+
+@dataclass
+class DiagnoseJob:
+    """Per-position teacher reliability for one student: diagnostics.csv (varkd.diagnostics)."""
+
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    teacher: str = "???"  # checkpoints
+    student: str = "???"
+    codes_val: str = "???"  # code set: the ground-truth context (view 0) and the labels of the student's samples
+    seed: int = 0  # the subset of sequences and the student's samples
+    identity: dict[str, Any] = field(default_factory=dict)  # backbone, method, seed written into diagnostics.csv
+    out: str = "???"  # diagnostics.csv
+
+    def __post_init__(self):
+        missing = [key for key in ("backbone", "method", "seed") if key not in self.identity]
+        if missing:
+            raise ConfigError(f"identity lacks {missing}: diagnostics.csv names its run by backbone, method, seed")
+
+    def inputs(self) -> list[str]:
+        return [self.teacher, self.student, *code_set_files(self.codes_val)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -90,9 +90,10 @@ class TeacherTargets:
         return teacher_logits(self.teacher, codes, labels)
 
 
-def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits of the frozen teacher under bf16 autocast (as stored in the caches), float32."""
-    with torch.no_grad(), autocast(codes.device, "bf16"):
+def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
+    """Teacher-forced logits of the frozen teacher, float32: under bf16 autocast (as stored in the caches and as
+    training scores live batches), or fp32 (precision="fp32", for exact comparisons)."""
+    with torch.no_grad(), autocast(codes.device, precision):
         return teacher(codes[:, :-1], labels).float()
 
 

@@ -2,6 +2,7 @@
 a matplotlib figure, so `varkd plot` (PNG and PDF for the report) and the notebooks draw the same thing."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,60 @@ def samples(table: Table, seed: int | None = None, per_class: int = 2, classes: 
     return fig
 
 
-FIGURES = {"metrics": metrics, "sweeps": sweeps, "curves": curves, "cost": cost, "samples": samples}
+DIAGNOSTICS = {"teacher_nll": "teacher NLL of x_n (nats)", "teacher_entropy": "teacher entropy H(p_T) (nats)",
+               "teacher_confidence": "teacher confidence max p_T", "acceptance": "acceptance min(1, p_T(x_n)/q_S(x_n))",
+               "top1_agreement": "top-1 agreement", "forward_kl": "KL(p_T || q_S) (nats)"}
+CONTEXT_STYLES = {"ground_truth": "-", "student": "--"}
+MAX_POINTS = 64  # per line: longer sequences (paper scale: 256 positions) are shown in bins of consecutive positions
+
+
+def _position_bins(frame: pd.DataFrame, size: int) -> pd.DataFrame:
+    """Each line's positions averaged in bins of `size`, at the bin's centre. The band is the bins' mean standard
+    error, an upper bound on the standard error of the bin's mean whatever the positions' correlation."""
+    if size == 1:
+        return frame
+    binned = frame.assign(position=frame["position"] // size * size + (size - 1) / 2)
+    keys = ["backbone", "method", "context", "quantity", "position"]
+    return binned.groupby(keys, sort=False)[["mean", "se"]].mean().reset_index()
+
+
+def diagnostics(table: Table) -> plt.Figure:
+    """Per raster position: each diagnostic (rows) per backbone (columns), the mean over sequences and a band of
+    ±2 standard errors, per method (colour; the student init black) and context (held-out sequences solid, the
+    student's samples dashed). Over MAX_POINTS positions, consecutive positions are averaged in bins."""
+    frame = table.diagnostics()
+    quantities = [q for q in DIAGNOSTICS if q in set(frame["quantity"])]
+    backbones = list(dict.fromkeys(frame["backbone"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    compared = [m for m in methods if m != "student_init"]
+    palette = sns.color_palette("tab10" if len(compared) <= 10 else "tab20", len(compared))
+    colours = {**dict(zip(compared, palette)), "student_init": "black"}
+    length = int(frame["position"].max()) + 1
+    size = -(-length // MAX_POINTS)
+    frame = _position_bins(frame, size)
+    fig, axes = plt.subplots(len(quantities), len(backbones), figsize=(6.5 * len(backbones), 2.0 * len(quantities)),
+                             squeeze=False, sharex=True, sharey="row", layout="constrained")
+    for (backbone, method, context, quantity), line in frame.groupby(["backbone", "method", "context", "quantity"],
+                                                                      sort=False):
+        ax = axes[quantities.index(quantity), backbones.index(backbone)]
+        x, y, band = line["position"], line["mean"], 2 * line["se"].fillna(0)
+        ax.plot(x, y, color=colours[method], linestyle=CONTEXT_STYLES[context], linewidth=0.9)
+        ax.fill_between(x, y - band, y + band, color=colours[method], alpha=0.12, linewidth=0)
+    row = max(1, round(length**0.5))  # one row of the raster grid: ticks every row, or every few rows
+    for (i, quantity), (j, backbone) in itertools.product(enumerate(quantities), enumerate(backbones)):
+        axes[i, j].set(xlim=(0, length - 1), xticks=range(0, length + 1, row * max(1, row // 8)))
+        axes[i, j].set_title(f"{backbone}: {DIAGNOSTICS[quantity]}", fontsize="medium")
+    binned = f", means of {size} positions" if size > 1 else ""
+    for ax in axes[-1]:
+        ax.set_xlabel(f"position (raster order{binned})")
+    handles = {m: Line2D([], [], color=colours[m]) for m in methods}
+    handles.update({f"context: {c}": Line2D([], [], color="0.6", linestyle=s) for c, s in CONTEXT_STYLES.items()})
+    fig.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="small")
+    return fig
+
+
+FIGURES = {"metrics": metrics, "sweeps": sweeps, "curves": curves, "cost": cost, "samples": samples,
+           "diagnostics": diagnostics}
 
 
 def plot(figure: str, results: str | Path, table: str, out: str | Path) -> None:

@@ -15,17 +15,18 @@ from omegaconf import OmegaConf
 
 from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILES
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
-from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, EvaluateJob,
-                          ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob,
-                          IndexImagesJob, MethodConfig, NoiseFloorJob, PrepareDataJob, ResourceConfig, RolloutConfig,
-                          SampleConfig, SampleJob, StudyConfig, SweepConfig, TeacherLogitsJob, TeacherPoolJob,
-                          TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
+from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, DiagnoseJob,
+                          EvaluateJob, ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob,
+                          ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, PrepareDataJob,
+                          ResourceConfig, RolloutConfig, SampleConfig, SampleJob, StudyConfig, SweepConfig,
+                          TeacherLogitsJob, TeacherPoolJob, TermConfig, TokenizerJob, TrainJob, check_pair,
+                          structured, to_yaml)
 from varkd.models.gpt import gpt_config
 
 RESULTS = "results"
 _MISSING = object()
 # every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
-FIGURES = ("metrics", "curves", "cost", "samples")
+FIGURES = ("metrics", "curves", "cost", "samples", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,16 @@ class Study:
                 + [f"{self.teacher_dir(b)}/metrics.json" for b in self.teacher_owners]
                 + inits + [f"{self.run_dir(r)}/metrics.json" for r in runs])
 
+    def diagnosed(self, run: Run) -> bool:
+        """Only a method's run at the study's first seed is diagnosed: one job per method shows where the teacher's
+        supervision of its student is unreliable, at a fraction of the cost of every seed."""
+        return run.seed == self.cfg.seeds[0]
+
+    def diagnostics_files(self, methods: list[str] | None = None) -> list[str]:
+        """The diagnostics.csv files of a table: each backbone's student init and each method's first seed."""
+        inits = [self.path(b, "student_init", "diagnostics.csv") for b in self.cfg.backbones if self.student_init(b)]
+        return inits + [f"{self.run_dir(r)}/diagnostics.csv" for r in self.runs(methods) if self.diagnosed(r)]
+
     def job_text(self, path: str) -> str:
         if path not in self.jobs:
             raise KeyError(f"{path} is not a job config of study {self.name!r}")
@@ -440,6 +451,14 @@ class Study:
             codes_test=self.codes("test"), identity=identity, seed=seed, out=f"{run_dir}/metrics.json")
         return sample
 
+    def _add_diagnose_job(self, backbone: str, run_dir: str, identity: dict[str, Any]) -> None:
+        """Every diagnose job draws with the study's first seed: all students of a study are diagnosed on the same
+        held-out sequences and sample from the same random stream (differences between them are not draws)."""
+        self.jobs[f"{run_dir}/diagnose.yaml"] = DiagnoseJob(
+            diagnose=self.cfg.diagnose, teacher=f"{self.teacher_dir(backbone)}/teacher.pt",
+            student=f"{run_dir}/student.pt", codes_val=self.codes("val"), seed=self.cfg.seeds[0], identity=identity,
+            out=f"{run_dir}/diagnostics.csv")
+
     def _add_import_job(self, backbone: str, role: str, out: str) -> None:
         size, path = self.pretrained[(backbone, role)]
         self.jobs[f"{Path(out).parent}/config.yaml"] = ImportGPTJob(
@@ -485,6 +504,7 @@ class Study:
                 sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
                 checkpoint=f"{sdir}/student.pt", tokenizer=self.tokenizer, reference=self.images,
                 classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
+        self._add_diagnose_job(backbone, sdir, identity)
 
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
@@ -519,6 +539,8 @@ class Study:
             teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits and cached else None,
             teacher_pool=pool, pool_logits=cached, init=self.student_init(run.backbone), clusters=clusters,
             out_dir=rdir)
-        self._add_generation_jobs(rdir, f"{rdir}/student.pt",
-                                  {"backbone": run.backbone, "method": run.method, "seed": run.seed}, run.seed,
+        identity = {"backbone": run.backbone, "method": run.method, "seed": run.seed}
+        self._add_generation_jobs(rdir, f"{rdir}/student.pt", identity, run.seed,
                                   self.backbones[run.backbone].student_cfg_scale)
+        if self.diagnosed(run):
+            self._add_diagnose_job(run.backbone, rdir, identity)

@@ -189,3 +189,31 @@ class Table:
     def compared(self) -> pd.DataFrame:
         """The runs of the compared methods (not the reference rows)."""
         return self.runs[~self.runs["method"].isin(REFERENCES)]
+
+    @property
+    def diagnosed(self) -> pd.DataFrame:
+        """The runs the study diagnoses (Study.diagnostics_files): each backbone's student init and the first run
+        of each compared method, its first seed (the table lists a method's runs in the study's seed order)."""
+        runs = self.runs[(self.runs["method"] == "student_init") | ~self.runs["method"].isin(REFERENCES)]
+        return runs.drop_duplicates(["backbone", "method"])
+
+    def diagnostics(self) -> pd.DataFrame:
+        """The diagnosed runs' diagnostics.csv files (varkd.diagnostics) in one long frame, in the table's order."""
+        frames = []
+        for run in self.diagnosed.itertuples():
+            path = self.results / run.run_dir / "diagnostics.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist (the workflow's diagnose rule makes it)")
+            frames.append(pd.read_csv(path))
+        return pd.concat(frames, ignore_index=True)
+
+
+def horizon(diagnostics: pd.DataFrame) -> pd.DataFrame:
+    """Per backbone, method, context and quantity: the mean over every position, over the first quarter of the
+    raster order and over its last quarter (how the teacher's reliability changes along the decoding horizon)."""
+    keys = ["backbone", "method", "context", "quantity"]
+    position = diagnostics["position"]
+    length = diagnostics.groupby(keys, sort=False)["position"].transform("max") + 1
+    spans = {"all": position >= 0, "first_quarter": position < length / 4, "last_quarter": position >= 3 * length / 4}
+    columns = {span: diagnostics[rows].groupby(keys, sort=False)["mean"].mean() for span, rows in spans.items()}
+    return pd.DataFrame(columns).reset_index()

@@ -79,6 +79,22 @@ rule noise_floor:
         "varkd noise-floor {input.config} --threads {threads} > {log} 2>&1"
 
 
+rule diagnose:
+    """Where the teacher's supervision of a student is unreliable: teacher NLL, entropy, confidence, acceptance,
+    top-1 agreement and KL to the student per raster position, on held-out and student-sampled sequences."""
+    input:
+        unpack(job("results/{study}/{rundir}/diagnose.yaml")),
+    output:
+        "results/{study}/{rundir}/diagnostics.csv",
+    log:
+        "results/logs/{study}/{rundir}/diagnose.log",
+    threads: STUDY.resources("diagnose").cpus
+    resources:
+        **cluster_resources("diagnose"),
+    shell:
+        "varkd diagnose {input.config} --threads {threads} > {log} 2>&1"
+
+
 if STUDY.images:
 
     rule evaluate_real:

@@ -30,6 +30,7 @@ rule plot:
     input:
         "results/{study}/tables/{table}.csv",
         "results/{study}/tables/{table}_summary.csv",
+        lambda wc: STUDY.diagnostics_files(STUDY.table_methods(wc.table)) if wc.figure == "diagnostics" else [],
     output:
         report(
             "results/{study}/plots/{table}_{figure}.png",
