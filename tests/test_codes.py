@@ -11,7 +11,7 @@ from varkd import cli, distill, imagefolder, jobs, sources
 from varkd.checkpoints import save_model
 from varkd.codes import CodeSet, code_set_writer, load_code_set, save_code_set
 from varkd.config import (CodeShardJob, ExtractCodesJob, GatherCodesJob, IndexImagesJob, MethodConfig, RolloutConfig,
-                          TeacherLogitsJob, TeacherPoolJob, TermConfig)
+                          PoolJob, TeacherLogitsJob, TermConfig)
 from varkd.data import Split, center_crop_arr, save_splits
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
@@ -231,8 +231,8 @@ def test_pool_without_logits_is_scored_by_the_live_teacher(codes, tmp_path):
     teacher = distill.train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
     rollout = RolloutConfig(null_fraction=0.3, teacher_pool=True)
     pool_dir = tmp_path / "pool"
-    distill.sample_teacher_pool(TeacherPoolJob(teacher=str(teacher), codes_train=str(codes / "train"),
-                                               rollout=rollout, out_dir=str(pool_dir), logits=False, batch_size=32))
+    distill.sample_pool(PoolJob(model=str(teacher), codes_train=str(codes / "train"), rollout=rollout,
+                                out_dir=str(pool_dir), logits=False, batch_size=32))
     assert sorted(p.name for p in pool_dir.iterdir()) == ["codes.npy", "labels.npy"]
     pool = load_code_set(pool_dir)
     assert (pool.N, pool.A, pool.T) == (96, 1, 16)
@@ -249,12 +249,12 @@ def test_pool_without_logits_is_scored_by_the_live_teacher(codes, tmp_path):
 def test_sharded_teacher_pool_gathers_to_a_pool_of_the_same_labels(codes, tmp_path):
     teacher = distill.train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
     rollout = RolloutConfig(null_fraction=0.3, teacher_pool=True)
-    base = TeacherPoolJob(teacher=str(teacher), codes_train=str(codes / "train"), rollout=rollout, seed=5,
-                          out_dir=str(tmp_path / "whole"), logits=False, batch_size=32)
-    distill.sample_teacher_pool(base)
+    base = PoolJob(model=str(teacher), codes_train=str(codes / "train"), rollout=rollout, seed=5,
+                   out_dir=str(tmp_path / "whole"), logits=False, batch_size=32)
+    distill.sample_pool(base)
     sharded = dict(out_dir=str(tmp_path / "sharded"), num_shards=3)
     for i in range(3):
-        distill.sample_teacher_pool(TeacherPoolJob(**{**base.__dict__, **sharded, "shard": i}))
+        distill.sample_pool(PoolJob(**{**base.__dict__, **sharded, "shard": i}))
     shards = [str(tmp_path / "sharded" / "shards" / f"shard{i}.npz") for i in range(3)]
     imagefolder.gather_codes(GatherCodesJob(shards=shards, out_dir=str(tmp_path / "sharded")))
     whole, gathered = load_code_set(tmp_path / "whole"), load_code_set(tmp_path / "sharded")
@@ -262,5 +262,5 @@ def test_sharded_teacher_pool_gathers_to_a_pool_of_the_same_labels(codes, tmp_pa
     assert torch.equal(gathered.labels, whole.labels)  # the same null draws: only the sampling streams differ
     low, high = gathered.code_range()
     assert (gathered.labels == 3).sum() > 0 and 0 <= low and high < 16
-    with pytest.raises(ValueError, match="sharded teacher pool stores no logits"):
-        distill.sample_teacher_pool(TeacherPoolJob(**{**base.__dict__, **sharded, "logits": True}))
+    with pytest.raises(ValueError, match="sharded pool stores no logits"):
+        distill.sample_pool(PoolJob(**{**base.__dict__, **sharded, "logits": True}))

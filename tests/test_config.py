@@ -1,9 +1,11 @@
 """Config errors fail at once and name the key; job configs round-trip through YAML."""
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from varkd.cli import main as cli
-from varkd.config import ConfigError, TermConfig, TrainJob, WeightingConfig, load_job, to_yaml
+from varkd.config import (ConfigError, MethodConfig, TermConfig, TrainJob, WeightingConfig, load_job, structured,
+                          to_yaml)
 from varkd.study import Study
 from tests.conftest import REPO
 
@@ -98,17 +100,20 @@ def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(stud
     """Adding a method is adding a YAML file: each preset resolves, with exactly the teacher inputs it uses."""
     names = sorted(p.stem for p in (presets / "methods").glob("*.yaml"))
     study = Study.load({**study_dict, "methods": names})
-    expect = {  # name: (live teacher checkpoint, cached ground-truth logits, teacher-sample pool)
-        "ce": (False, False, False), "fkl": (False, True, False), "rkl": (False, True, False),
-        "seqkd": (False, False, True), "imitkd": (True, False, False), "gkd": (True, True, False),
-        "onpolicy_rkl": (True, False, False), "distillm": (True, True, False), "distillm2": (True, False, True),
+    expect = {  # name: (live teacher checkpoint, cached ground-truth logits, teacher-sample pool, student pool)
+        "ce": (False, False, False, False), "fkl": (False, True, False, False), "rkl": (False, True, False, False),
+        "seqkd": (False, False, True, False), "imitkd": (True, True, False, False), "gkd": (True, True, False, False),
+        "onpolicy_rkl": (True, False, False, False), "distillm": (True, True, False, False),
+        "distillm2": (True, False, True, True),
     }
     for name in names:
         job = study.jobs[f"results/embedded/tiny/{name}/seed0/config.yaml"]
-        got = (job.teacher is not None, job.teacher_logits is not None, job.teacher_pool is not None)
+        got = (job.teacher is not None, job.teacher_logits is not None, job.teacher_pool is not None,
+               job.student_pool is not None)
         assert got == expect.get(name, got), name
-        if job.teacher_pool:  # the workflow has a job that makes the pool the run reads
-            assert f"{job.teacher_pool}/config.yaml" in study.jobs and f"{job.teacher_pool}/codes.npy" in job.inputs()
+        for pool in (job.teacher_pool, job.student_pool):
+            if pool:  # the workflow has a job that makes the pool the run reads
+                assert f"{pool}/config.yaml" in study.jobs and f"{pool}/codes.npy" in job.inputs()
 
 
 def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
@@ -126,12 +131,91 @@ def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
     assert pools[("tiny", "seqkd", 0)] != pools[("tiny", "seqkd_cold", 0)]
     assert pools[("tiny", "seqkd", 0)].startswith("results/embedded/tiny/teacher/pool_")
     pool_job = study.jobs[f"{pools[('tiny', 'seqkd_cold', 0)]}/config.yaml"]
-    assert pool_job.rollout.temperature == 0.5 and pool_job.teacher == "results/embedded/tiny/teacher/teacher.pt"
+    assert pool_job.rollout.temperature == 0.5 and pool_job.model == "results/embedded/tiny/teacher/teacher.pt"
     (presets / "methods" / "seqkd_sjd.yaml").write_text(  # the student's sampler does not change the pool
         "base: seqkd\nset: {rollout.sampler: sjd, rollout.window: 2}\n")
     study = Study.load({**study_dict, "methods": ["seqkd", "seqkd_sjd"]})
     assert (study.jobs["results/embedded/tiny/seqkd/seed0/config.yaml"].teacher_pool
             == study.jobs["results/embedded/tiny/seqkd_sjd/seed0/config.yaml"].teacher_pool)
+
+
+def test_seqkd_pool_follows_the_studys_evaluation_sampling_of_its_teacher(study_dict, presets):
+    """rollout.eval_sampling: the teacher pool is drawn as the teacher is evaluated (the study's sample section and
+    the teacher's backbone CFG scale), so changing those changes the pool; the preset's own settings do not."""
+    def seqkd_pool(data):
+        study = Study.load(data)
+        path = study.jobs["results/embedded/tiny/seqkd/seed0/config.yaml"].teacher_pool
+        return path, study.jobs[f"{path}/config.yaml"].rollout
+
+    sample = {"num_samples": 1000, "batch_size": 1000, "cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    path, rollout = seqkd_pool({**study_dict, "sample": sample})
+    assert study_dict["sample"] == sample and Study.load(study_dict).methods["seqkd"].rollout.eval_sampling
+    assert (rollout.cfg_scale, rollout.temperature, rollout.top_k, rollout.top_p) == (1.5, 1.0, 0, 1.0)
+    assert rollout.null_fraction == 0.1  # still the method's
+    changed = {}
+    for key, value in (("cfg_scale", 2.5), ("temperature", 0.7), ("top_k", 20), ("top_p", 0.9)):
+        other_path, other = seqkd_pool({**study_dict, "sample": {**sample, key: value}})
+        assert getattr(other, key) == value and other_path != path, key
+        changed[key] = other_path
+    assert len(set(changed.values())) == 4
+    # the preset's own sampling settings are unused with eval_sampling, and it needs a teacher pool
+    (presets / "methods" / "seqkd_hot.yaml").write_text("base: seqkd\nset: {rollout.temperature: 2.0}\n")
+    study = Study.load({**study_dict, "sample": sample, "methods": ["seqkd", "seqkd_hot"]})
+    assert study.jobs["results/embedded/tiny/seqkd_hot/seed0/config.yaml"].teacher_pool == path
+    # the teacher's backbone publishes its own CFG scale: it wins over sample.cfg_scale, for every student of it
+    (presets / "backbones" / "tiny.yaml").write_text((presets / "backbones" / "tiny.yaml").read_text()
+                                                     + "teacher_cfg_scale: 3.0\n")
+    study = Study.load(study_dict)
+    pools = {study.jobs[f"results/embedded/{b}/seqkd/seed0/config.yaml"].teacher_pool for b in ("tiny", "tiny_wide")}
+    assert len(pools) == 1 and study.jobs[f"{pools.pop()}/config.yaml"].rollout.cfg_scale == 3.0
+    (presets / "methods" / "seqkd_live.yaml").write_text("base: seqkd\nset: {rollout.teacher_pool: false}\n")
+    with pytest.raises(ConfigError, match="seqkd_live.yaml.*rollout.eval_sampling.*teacher_pool"):
+        Study.load({**study_dict, "methods": ["seqkd_live"]})
+    with pytest.raises(ConfigError, match="teacher pool of backbone 'tiny'.*temperature > 0"):
+        Study.load({**study_dict, "sample": {**sample, "temperature": 0.0}})
+
+
+def test_student_pool_is_drawn_once_from_each_backbones_init_and_shared_by_seeds(study_dict):
+    """DistiLLM-2's offline student responses: one pool job per backbone, from its student init, with the method's
+    rollout settings and no logits, read by every seed; the teacher scores it live."""
+    study = Study.load({**study_dict, "methods": ["distillm2"], "seeds": [0, 1, 2]})
+    method = study.methods["distillm2"]
+    assert method.uses_student_pool and method.uses_teacher_pool
+    for backbone in ("tiny", "tiny_wide"):
+        runs = [study.jobs[f"results/embedded/{backbone}/distillm2/seed{s}/config.yaml"] for s in (0, 1, 2)]
+        pools = {run.student_pool for run in runs}
+        assert len(pools) == 1
+        pool = pools.pop()
+        assert pool.startswith(f"results/embedded/{backbone}/student_init/pool_")
+        job = study.jobs[f"{pool}/config.yaml"]
+        assert job.model == f"results/embedded/{backbone}/student_init/student.pt" == runs[0].init
+        assert not job.logits and job.seed == study.backbones[backbone].teacher_seed
+        r = method.rollout
+        assert ((job.rollout.cfg_scale, job.rollout.temperature, job.rollout.top_k, job.rollout.top_p,
+                 job.rollout.null_fraction) == (r.cfg_scale, r.temperature, r.top_k, r.top_p, r.null_fraction))
+        assert all(run.teacher == "results/embedded/tiny/teacher/teacher.pt" for run in runs)  # live scoring
+        assert all(f"{pool}/codes.npy" in run.inputs() and f"{pool}/logits.npy" not in run.inputs() for run in runs)
+    pool_jobs = [p for p in study.jobs if "/student_init/pool_" in p]
+    assert len(pool_jobs) == 2  # one per backbone, whatever the number of seeds
+    with pytest.raises(ConfigError, match="rollout.student_pool.*backbone 'tiny' has none"):
+        Study.load({**study_dict, "methods": ["distillm2"], "student_pretrain": None})
+
+
+def test_imitkd_and_gkd_presets_are_points_of_the_mixture_axis(study_dict):
+    study = Study.load({**study_dict, "methods": ["imitkd", "gkd"]})
+    imitkd, gkd = study.methods["imitkd"], study.methods["gkd"]
+    assert [(t.data, t.divergence) for t in imitkd.terms] == [("mixed", "fkl")]
+    m = imitkd.mixture
+    assert (m.granularity, m.schedule, m.exp_base) == ("sequence", "exponential", 200.0)
+    r = imitkd.rollout
+    assert (r.top_k, r.temperature, r.cfg_scale, r.null_fraction) == (5, 1.0, 1.0, 0.1)
+    assert (gkd.mixture.granularity, gkd.mixture.schedule, gkd.mixture.lmbda) == ("step", "constant", 0.5)
+    with pytest.raises(ConfigError, match="mixture.granularity='row'"):
+        structured(MethodConfig, {"mixture": {"granularity": "row"}}, "m")
+    with pytest.raises(ConfigError, match="mixture.exp_base must be > 1"):
+        structured(MethodConfig, {"mixture": {"exp_base": 1.0}}, "m")
+    with pytest.raises(ConfigError, match="init_threshold"):
+        structured(MethodConfig, {"adaptive": {"init_threshold": 1.5}}, "m")
 
 
 def test_backbones_can_share_a_teacher(study_dict, presets):
@@ -230,6 +314,28 @@ def test_full_embedded_study_overrides_only_the_budget(capsys):
     assert full["student_optim"]["steps"] > default["student_optim"]["steps"]
 
 
+def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
+    """config/tune-distillm.yaml: DistiLLM alone on one backbone, init_threshold and loss_eps each swept around the
+    preset's values, 3 seeds; every run logs val_nll often enough to plot beside tau_a."""
+    default_path, tune_path = REPO / "config" / "config.yaml", REPO / "config" / "tune-distillm.yaml"
+    assert cli(["check-config", str(default_path), str(tune_path)]) == 0
+    assert "study 'tune-distillm': 21 runs" in capsys.readouterr().out  # (1 preset + 6 swept values) x 3 seeds
+    tune = yaml.safe_load(tune_path.read_text())
+    study = Study.load(OmegaConf.merge(OmegaConf.load(default_path), OmegaConf.load(tune_path)))  # as Snakemake
+    assert (study.name, study.cfg.backbones, study.cfg.methods, study.cfg.baselines, study.cfg.ablations) == (
+        "tune-distillm", ["tiny"], ["distillm"], ["distillm"], [])
+    preset = study.methods["distillm"].adaptive
+    points = study.sweep_points(study.table_methods("ablations"))
+    for key, name in (("init_threshold", "init"), ("loss_eps", "eps")):
+        values = sorted(p["value"] for p in points if p["sweep"] == name)
+        own = getattr(preset, key)
+        assert own in values and min(values) <= own <= max(values) and len(values) == 4, key
+        for p in points:
+            if p["sweep"] == name:
+                assert getattr(study.methods[p["method"]].adaptive, key) == p["value"]
+    assert study.cfg.student_optim.eval_every > 0 and "TUNED:" in (REPO / "config/methods/distillm.yaml").read_text()
+
+
 def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
     study = Study.load(study_dict)
     for backbone in study_dict["backbones"]:
@@ -238,7 +344,8 @@ def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
         run = study.jobs[f"results/embedded/{backbone}/fkl/seed0/config.yaml"]
         assert run.init == f"results/embedded/{backbone}/student_init/student.pt" and run.init in run.inputs()
     assert f"results/embedded/tiny/student_init/metrics.json" in study.metrics_files(["ce"])  # a reference row
-    scratch = Study.load({**study_dict, "student_pretrain": None})
+    from_init = [m for m in study_dict["baselines"] if m != "distillm2"]  # its student pool is drawn from the init
+    scratch = Study.load({**study_dict, "student_pretrain": None, "baselines": from_init})
     assert scratch.jobs["results/embedded/tiny/fkl/seed0/config.yaml"].init is None
     assert not any("student_init" in path for path in scratch.jobs)
 

@@ -25,7 +25,8 @@ def no_paper_data(monkeypatch, tmp_path):
 def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     study = paper_study(presets, "imagenet.yaml")
     kinds = Counter(type(job).__name__ for job in study.jobs.values())
-    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2 + 2  # + 2 pools
+    # + 3 pools: seqkd's and distillm2's of the teacher, distillm2's of the student init
+    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2 + 3
     assert kinds["SampleJob"] == 8 * 17 and kinds["GatherSamplesJob"] == 17  # 15 runs + teacher + student init
     assert "PrepareDataJob" not in kinds and "ClassifierJob" not in kinds and "TeacherLogitsJob" not in kinds
     root, data = "results/imagenet/llamagen_L_B", tmp_path / "paper-data"
@@ -50,6 +51,14 @@ def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     gather = study.jobs[f"{pool}/config.yaml"]  # 32 shard jobs draw the 1.28M-sample pool, one gathers it
     assert gather.out_dir == pool and len(gather.shards) == 32
     assert study.jobs[gather.shards[31].replace(".npz", ".yaml")].shard == 31
+    # seqkd's pool is drawn as the teacher is evaluated: the backbone's teacher CFG scale, else sample.cfg_scale
+    bb = study.backbones["llamagen_L_B"]
+    cfg_scale = study.cfg.sample.cfg_scale if bb.teacher_cfg_scale is None else bb.teacher_cfg_scale
+    assert study.jobs[gather.shards[0].replace(".npz", ".yaml")].rollout.cfg_scale == cfg_scale
+    student_pool = study.jobs[f"{root}/distillm2/seed0/config.yaml"].student_pool
+    shard = study.jobs[study.jobs[f"{student_pool}/config.yaml"].shards[0].replace(".npz", ".yaml")]
+    assert student_pool.startswith(f"{root}/student_init/pool_") and shard.model == f"{root}/student_init/student.pt"
+    assert not shard.logits
     # the study's method override reaches VarKD and the ablations derived from it
     assert study.methods["varkd"].rollout.window == 16 and study.methods["varkd_no_clusters"].rollout.window == 16
     assert study.methods["varkd_ar_rollouts"].rollout.sampler == "ar"
@@ -119,8 +128,8 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
     stats = dict(line.split() for line in out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:])
     for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 2,
                         "extract_code_shard": 128, "gather_codes": 2, "train_student": 15, "sample_shard": 136,
-                        "gather_samples": 17, "evaluate": 17, "aggregate": 3, "teacher_pool_shard": 64,
-                        "gather_teacher_pool": 2}.items():
+                        "gather_samples": 17, "evaluate": 17, "aggregate": 3, "pool_shard": 96,
+                        "gather_pool": 3}.items():
         assert int(stats[rule]) == count, rule
     for rule in ("train_teacher", "pretrain_student", "prepare_data", "train_classifier", "evaluate_real"):
         assert rule not in stats, rule

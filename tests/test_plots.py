@@ -60,6 +60,23 @@ def test_aggregate_writes_every_table_file_and_plots_draw_every_figure(results):
     assert cli.main(["plot", "nonsense", "--results", str(results), "--table", "ablations", "--out", "x"]) == 2
 
 
+def test_curves_show_the_student_data_share_of_methods_that_choose_their_data(results):
+    """Methods logging student_share (GKD, ImitKD, DistiLLM) get a third row of panels; the others have none."""
+    from varkd.tables import Table
+
+    files = sorted(str(p) for p in results.rglob("metrics.json"))
+    assert cli.main(["aggregate", *files, "--out-dir", str(results / "tables"), "--name", "main"]) == 0
+    titles = lambda fig: {ax.get_title() for ax in fig.axes}  # noqa: E731
+    assert titles(plots.curves(Table.load(results, "main"))) == {"tiny: loss", "tiny: val_nll"}
+    for seed in (0, 1):
+        log = results / "tiny" / "varkd" / f"seed{seed}" / "train_log.csv"
+        pd.read_csv(log).assign(student_share=[0.25, 0.5]).to_csv(log, index=False)
+    fig = plots.curves(Table.load(results, "main"))
+    assert titles(fig) == {"tiny: loss", "tiny: val_nll", "tiny: student_share"}
+    share = next(ax for ax in fig.axes if ax.get_title() == "tiny: student_share")
+    assert [list(line.get_ydata()) for line in share.get_lines() if len(line.get_ydata()) == 2] == [[0.25, 0.5]]
+
+
 def test_the_study_lists_only_figures_that_exist():
     assert set(study.FIGURES) | {"sweeps"} == set(plots.FIGURES)
 

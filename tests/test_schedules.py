@@ -1,4 +1,4 @@
-"""Data-source schedules against hand-worked cases from kd-methods.md sections 2 (GKD) and 3 (DistiLLM)."""
+"""Data-source schedules against closed forms and hand-worked cases: GKD, ImitKD and DistiLLM."""
 import random
 from collections import Counter
 
@@ -55,6 +55,60 @@ def test_mixture_state_is_empty():
     mix.load_state_dict({})
     with pytest.raises(ValueError):
         mix.load_state_dict({"lmbda": 0.5})
+
+
+# ------------------------------------------------------------------------------------------ ImitKD's annealing
+def imitkd_beta(kind, t, n, final_beta=0.0, exp_base=200.0, warmup=0.0):
+    """ImitKD's get_beta (generation/distillation.py L404-419) as written there, evaluated in float64."""
+    if kind == "linear":
+        return 1.0 - (1.0 - final_beta) * t / n
+    return exp_base ** (-(t / n - warmup)) if t / n > warmup else 1.0
+
+
+@pytest.mark.parametrize("kind, options", [("linear", {"final_beta": 0.0}), ("linear", {"final_beta": 0.3}),
+                                           ("exponential", {"exp_base": 200.0}), ("exponential", {"exp_base": 10.0})])
+def test_imitkd_schedule_equals_the_closed_form(kind, options):
+    """Step s draws with the beta ImitKD's trainer set after iteration s - 1 (beta = 1 before the first update)."""
+    n = 400
+    mix = OnPolicyMixture(0.5, kind, total_steps=n, **options)
+    for step in (0, 1, 2, 57, 200, 399, 400):
+        beta = imitkd_beta(kind, max(step - 1, 0), n, **options)
+        assert mix.beta(step) == pytest.approx(beta, rel=1e-12, abs=1e-15), step
+        assert mix.share(step) == pytest.approx(1.0 - beta, abs=1e-12), step
+    assert mix.share(0) == mix.share(1) == 0.0  # the first two steps train on ground truth only
+    if kind == "exponential":  # ImitKD's IWSLT schedule: beta ends at 1 / exp_base
+        assert mix.beta(n + 1) == pytest.approx(1.0 / options["exp_base"])
+    else:
+        assert mix.beta(n + 1) == pytest.approx(options["final_beta"])
+    betas = [mix.beta(s) for s in range(n + 1)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))  # annealed: the student share only grows
+
+
+def test_constant_schedule_is_gkds_lambda_at_every_step():
+    mix = OnPolicyMixture(0.3, total_steps=100)
+    assert {mix.share(s) for s in range(101)} == {0.3}
+    with pytest.raises(ValueError, match="annealed"):
+        mix.beta(3)
+
+
+@pytest.mark.parametrize("step", [1, 30, 120, 250])
+def test_per_sequence_choices_follow_the_schedule(step):
+    """Each row is a student sample with probability lmbda_t, independently: the share over many draws is binomial."""
+    mix = OnPolicyMixture(0.5, "exponential", total_steps=250, exp_base=200.0)
+    share, rng, n = mix.share(step), np.random.default_rng(11), 200_000
+    rows = np.concatenate([mix.choose_rows(rng, 64, step) for _ in range(n // 64)])
+    assert rows.dtype == bool and len(rows) == n // 64 * 64
+    assert abs(rows.mean() - share) <= 5 * np.sqrt(max(share * (1 - share), 1e-12) / len(rows)) + 1e-12, share
+    # one uniform per row, True below lmbda_t: the same draws a scripted comparison gives
+    u = np.random.default_rng(3).random(64)
+    assert np.array_equal(mix.choose_rows(np.random.default_rng(3), 64, step), u < share)
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="cosine"), dict(exp_base=1.0), dict(final_beta=1.5),
+                                 dict(total_steps=0)])
+def test_mixture_rejects_bad_schedules(bad):
+    with pytest.raises(ValueError):
+        OnPolicyMixture(0.5, **{"schedule": "linear", "total_steps": 10, **bad})
 
 
 # --------------------------------------------------------------------------------------------- AdaptiveSchedule

@@ -183,9 +183,13 @@ def test_miniature_study_end_to_end(presets):
     assert list(table["method"]) == ["real", "teacher", "student_init"] + study["baselines"]
     assert table["fid"].notna().all() and table["nll"][1:].notna().all()  # real images have no NLL
     runs = table.set_index("method")
-    assert (runs.loc[["imitkd", "onpolicy_rkl", "distillm2"], "train_rollouts"] > 0).all()
+    assert (runs.loc[["imitkd", "onpolicy_rkl"], "train_rollouts"] > 0).all()
     assert runs.loc["fkl", "train_teacher_forwards"] == 0  # cached logits only
     assert runs.loc["seqkd", "train_teacher_forwards"] == 0 and runs.loc["seqkd", "train_rollouts"] == 0  # pool
+    # distillm2: both pools drawn once, the student's from the init, scored by the live teacher at every step
+    assert runs.loc["distillm2", "train_rollouts"] == 0 and runs.loc["distillm2", "train_teacher_forwards"] == 6
+    assert len(list((root / "tiny" / "student_init").glob("pool_*/codes.npy"))) == 1
+    assert len(list((root / "tiny" / "teacher").glob("pool_*/codes.npy"))) == 2  # seqkd's and distillm2's settings
     ablations = pd.read_csv(root / "tables" / "ablations.csv").set_index("method")
     sweeps = [f"varkd-{s['name']}{v}" for s in study["sweeps"] for v in s["values"]]
     assert list(ablations.index) == ["real", "teacher", "student_init"] + study["ablations"] + sweeps

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "cluster-codebook": (C.ClusterJob, clusters.cluster_codebook),
     "train": (C.TrainJob, distill.train_gpt),
     "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
-    "teacher-pool": (C.TeacherPoolJob, distill.sample_teacher_pool),
+    "sample-pool": (C.PoolJob, distill.sample_pool),
     "import-gpt": (C.ImportGPTJob, checkpoints.import_gpt),
     "import-tokenizer": (C.ImportTokenizerJob, checkpoints.import_tokenizer),
     "sample": (C.SampleJob, jobs.sample),

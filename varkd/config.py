@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from varkd.classifier import ClassifierConfig
 from varkd.models.gpt import GPTConfig
 from varkd.models.vq import VQConfig
+from varkd.schedules import MIXTURE_SCHEDULES
 
 T = TypeVar("T")
 
@@ -174,7 +175,7 @@ class WeightingConfig:
 class TermConfig:
     """One loss term: a divergence on sequences from one data source (design section 2)."""
 
-    data: str = "ground_truth"  # ground_truth | teacher (samples) | student (samples) | mixed (lmbda) | adaptive (DistiLLM)
+    data: str = "ground_truth"  # ground_truth | teacher (samples) | student (samples) | mixed (mixture) | adaptive (DistiLLM)
     divergence: str = "fkl"  # ce (hard labels on the sequence) | fkl | rkl | jsd | skl | srkl | tvd
     weight: float = 1.0
     beta: float = 0.5  # jsd: M = beta * teacher + (1 - beta) * student (GKD convention: 0 -> FKL, 1 -> RKL)
@@ -213,6 +214,14 @@ class RolloutConfig:
     # teacher and these settings, with its logits (SeqKD's offline distillation set; DistiLLM-2 also
     # pre-generates its teacher responses), and every epoch reuses it at the cost of ground-truth KD.
     teacher_pool: bool = False
+    # teacher_pool: draw it with the study's evaluation sampling of that teacher (sample.cfg_scale, or the
+    # backbone's teacher_cfg_scale, and sample.temperature / top_k / top_p) instead of the settings above: the
+    # teacher's sequences as it is evaluated (SeqKD). null_fraction still applies.
+    eval_sampling: bool = False
+    # data=student: true draws one sample per training sequence once, from the backbone's student init (the
+    # checkpoint every method starts from) with these settings, shared by every seed, and every step reads it
+    # instead of sampling the current student (DistiLLM-2's offline student responses); the teacher scores it live.
+    student_pool: bool = False
     sampler: str = "ar"  # ar: token by token with the KV cache | sjd: speculative Jacobi decoding (lossless, parallel)
     window: int = 16  # sjd: draft tokens verified per forward pass (SJD's default L = 16)
     init: str = "random"  # sjd: drafts for new positions: random tokens | repeat_horizon (the token one row above)
@@ -229,7 +238,7 @@ class RolloutConfig:
 
 @dataclass
 class AdaptiveConfig:
-    """DistiLLM's adaptive off-policy schedule (kd-methods.md section 3; their defaults)."""
+    """DistiLLM's adaptive off-policy schedule (jongwooko/distillm finetune.py; their defaults)."""
 
     init_threshold: float = 0.0
     loss_eps: float = 0.1
@@ -240,7 +249,37 @@ class AdaptiveConfig:
 
     def __post_init__(self):
         _check_choice("replay_ratio", self.replay_ratio, ("decreasing", "constant", "increasing"))
-        _check_positive(self, "capacity", "eval_every")
+        _check_positive(self, "capacity", "eval_every", "increment")
+        if not 0 <= self.init_threshold <= 1 or self.loss_eps < 0 or self.increment > 1:
+            raise ConfigError("adaptive needs 0 <= init_threshold <= 1, loss_eps >= 0 and 0 < increment <= 1, got "
+                              f"{self.init_threshold}, {self.loss_eps}, {self.increment}")
+
+
+@dataclass
+class MixtureConfig:
+    """data=mixed: fresh student samples in place of ground truth, with the student share lmbda_t of step t.
+
+    granularity step (GKD, TRL `GKDTrainer.training_step`): the whole batch of a step is the student's samples
+    with probability lmbda_t, else the ground truth. sequence (ImitKD, asappresearch/imitkd@8b9fadded0e9
+    generation/distillation.py `Seq2SeqDistillTrainer.sample`): each sequence independently. The schedule of
+    lmbda_t: constant (lmbda), or ImitKD's annealing of the ground-truth share beta from 1 over the run's N steps,
+    linear beta(t) = 1 - (1 - final_beta) t / N or exponential beta(t) = exp_base ** (-t / N), lmbda_t = 1 - beta.
+    """
+
+    lmbda: float = 0.5  # schedule constant: the student share (GKD's lambda)
+    granularity: str = "step"  # step | sequence
+    schedule: str = "constant"  # constant | linear | exponential
+    final_beta: float = 0.0  # linear: the ground-truth share at the end of the run
+    exp_base: float = 200.0  # exponential: beta ends at 1 / exp_base (ImitKD's IWSLT configs: 200)
+
+    def __post_init__(self):
+        _check_choice("mixture.granularity", self.granularity, ("step", "sequence"))
+        _check_choice("mixture.schedule", self.schedule, MIXTURE_SCHEDULES)
+        for name in ("lmbda", "final_beta"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"mixture.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.exp_base > 1:
+            raise ConfigError(f"mixture.exp_base must be > 1, got {self.exp_base}")
 
 
 @dataclass
@@ -249,7 +288,7 @@ class MethodConfig:
 
     terms: list[TermConfig] = field(default_factory=lambda: [TermConfig(divergence="ce")])
     temperature: float = 1.0  # same tau for both models; divergences are multiplied by tau^2 (Hinton)
-    lmbda: float = 0.5  # data=mixed: probability that a step trains on fresh student samples (GKD)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)  # data=mixed: GKD's and ImitKD's mixtures
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     clusters: int = 0  # codebook clusters for terms with cluster_weight > 0 (equal sizes: must divide the vocabulary)
@@ -261,8 +300,9 @@ class MethodConfig:
             raise ConfigError("clusters must be > 0 exactly when a term has cluster_weight > 0 "
                               f"(clusters={self.clusters})")
         _check_positive(self, "temperature")
-        if not 0 <= self.lmbda <= 1:
-            raise ConfigError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if self.rollout.eval_sampling and not self.uses_teacher_pool:
+            raise ConfigError("rollout.eval_sampling sets how the teacher pool is drawn: it needs "
+                              "rollout.teacher_pool: true and a term with data=teacher")
         if sum(t.data == "adaptive" for t in self.terms) > 1:
             raise ConfigError("at most one term may use data=adaptive (it owns the replay buffer)")
 
@@ -284,8 +324,13 @@ class MethodConfig:
         return self.rollout.teacher_pool and any(t.data == "teacher" for t in self.terms)
 
     @property
+    def uses_student_pool(self) -> bool:
+        return self.rollout.student_pool and any(t.data == "student" for t in self.terms)
+
+    @property
     def needs_live_teacher(self) -> bool:
-        """Some steps need the teacher itself: to sample, or to score sequences the student sampled."""
+        """Some steps need the teacher itself: to sample, or to score sequences the student sampled (fresh, from
+        the student pool, or rows of a mixed batch)."""
         pool = self.rollout.teacher_pool
         return any((t.data == "teacher" and not pool)
                    or (t.uses_teacher_logits and t.data not in ("ground_truth", "teacher")) for t in self.terms)
@@ -510,7 +555,7 @@ class StudyConfig:
     # Teacher logits on every training sequence ([N, 2, T, V] float16) and on teacher pools, computed once. Paper
     # scale: false (terabytes at 1.28M sequences x 16,384 codes); ground-truth and pool KD run the teacher live.
     cache_teacher_logits: bool = True
-    teacher_pool_shards: int = 1  # jobs a teacher pool is drawn in (needs cache_teacher_logits: false)
+    pool_shards: int = 1  # jobs a teacher or student pool is drawn in (needs cache_teacher_logits: false)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # diagnostics.csv of each backbone's student init and of each method's first seed (varkd.diagnostics)
@@ -528,9 +573,9 @@ class StudyConfig:
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{key} has duplicates: {values}")
-        if self.teacher_pool_shards < 1 or (self.teacher_pool_shards > 1 and self.cache_teacher_logits):
-            raise ConfigError(f"teacher_pool_shards={self.teacher_pool_shards}: must be >= 1, and 1 while "
-                              "cache_teacher_logits is true (a sharded pool stores no logits)")
+        if self.pool_shards < 1 or (self.pool_shards > 1 and self.cache_teacher_logits):
+            raise ConfigError(f"pool_shards={self.pool_shards}: must be >= 1, and 1 while cache_teacher_logits is "
+                              "true (a sharded pool stores no logits)")
         for reserved in ("teacher", "student_init"):
             if reserved in self.methods + self.baselines + self.ablations:
                 raise ConfigError(f"{reserved!r} is reserved for the backbone's own runs; it cannot be a method name")
@@ -682,8 +727,9 @@ class TrainJob:
     codes_val: str = "???"
     teacher: Optional[str] = None  # teacher checkpoint, for methods that sample from it or score samples
     teacher_logits: Optional[str] = None  # cached teacher logits on the ground-truth codes
-    teacher_pool: Optional[str] = None  # TeacherPoolJob's folder: a code set (+ logits.npy when cached)
+    teacher_pool: Optional[str] = None  # PoolJob's folder of teacher samples: a code set (+ logits.npy when cached)
     pool_logits: bool = True  # the teacher pool holds its logits (else the teacher scores pool batches live)
+    student_pool: Optional[str] = None  # PoolJob's folder of the student init's samples (a code set, no logits)
     init: Optional[str] = None  # checkpoint whose weights start the run (the backbone's pretrained student)
     clusters: Optional[str] = None  # codebook cluster assignment (.npy) for terms with cluster_weight > 0
     out_dir: str = "???"
@@ -693,6 +739,8 @@ class TrainJob:
         pool = code_set_files(self.teacher_pool) if self.teacher_pool else []
         if self.teacher_pool and self.pool_logits:
             pool.append(f"{self.teacher_pool}/logits.npy")
+        if self.student_pool:
+            pool += code_set_files(self.student_pool)
         files = (self.teacher, self.teacher_logits, self.init, self.clusters)
         return (code_set_files(self.codes_train) + code_set_files(self.codes_val) + [p for p in files if p] + pool)
 
@@ -722,15 +770,16 @@ class TeacherLogitsJob:
 
 
 @dataclass
-class TeacherPoolJob:
-    """Teacher samples for every training label (a null_fraction of them unconditional) and their logits."""
+class PoolJob:
+    """One model's samples for every training label (a null_fraction of them unconditional), drawn once: the
+    teacher's (SeqKD, DistiLLM-2), with its logits where cached, or the student init's (DistiLLM-2)."""
 
-    teacher: str = "???"
+    model: str = "???"  # the checkpoint that samples: a teacher, or a backbone's student init
     codes_train: str = "???"  # its labels: one sample per training sequence
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # cfg_scale, temperature, top_k/p, null_fraction
     seed: int = 0
     out_dir: str = "???"  # a code set (codes [N, 1, T], labels [N]) and, when logits, logits.npy (float16 [N, T, V])
-    logits: bool = True
+    logits: bool = True  # the model's logits on its samples (a teacher pool's KD targets)
     batch_size: int = 250
     shard: int = 0  # of num_shards > 1: out_dir/shards/shard<i>.npz, gathered into the code set by GatherCodesJob
     num_shards: int = 1
@@ -738,10 +787,10 @@ class TeacherPoolJob:
     def __post_init__(self):
         _check_shard(self.shard, self.num_shards)
         if self.num_shards > 1 and self.logits:
-            raise ConfigError("a sharded teacher pool stores no logits (TeacherPoolJob.logits must be false)")
+            raise ConfigError("a sharded pool stores no logits (PoolJob.logits must be false)")
 
     def inputs(self) -> list[str]:
-        return [self.teacher, *code_set_files(self.codes_train)]
+        return [self.model, *code_set_files(self.codes_train)]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from varkd import distributed, losses
 from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
 from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
-from varkd.config import TeacherLogitsJob, TeacherPoolJob, TermConfig, TrainJob, to_yaml
+from varkd.config import PoolJob, TeacherLogitsJob, TermConfig, TrainJob, to_yaml
 from varkd.io import atomic_memmap, atomic_save_npz, provenance
 from varkd.loop import BatchOrder, Part, autocast, rank_parts, train, training_module
 from varkd.models.gpt import GPT, GPTConfig
@@ -54,7 +54,8 @@ class TeacherTargets:
     """Teacher logits for a batch: read from a cache where the batch indexes one, else a live forward.
 
     Caches: ground_truth [N, 2, T, V] (cond and null label of every training sequence), teacher_pool [N, T, V]
-    (each pool sequence under the label it was sampled with).
+    (each pool sequence under the label it was sampled with). Student pools, mixed batches and fresh samples have
+    none: the teacher scores them live.
     """
 
     def __init__(self, teacher: Optional[GPT], caches: dict[str, Optional[str]], num_items: int, null_class: int,
@@ -173,22 +174,26 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     def validation() -> float:
         return heldout_nll(model, val_codes, device=device)
 
-    pool = None
-    if kd.uses_teacher_pool:
-        if job.teacher_pool is None:
-            raise ValueError(f"method {job.method!r} sets rollout.teacher_pool: TrainJob.teacher_pool is unset")
-        pool = load_code_set(job.teacher_pool)
+    def load_pool(path: Optional[str], role: str) -> CodeSet:
+        if path is None:
+            raise ValueError(f"method {job.method!r} sets rollout.{role}_pool: TrainJob.{role}_pool is unset")
+        pool = load_code_set(path)
         if pool.N != codes.N:
             raise ValueError(f"{pool.source} has {pool.N} sequences, the training set {codes.N}")
         check_codes(pool, model, allow_null=True)
+        return pool
+
+    pool = load_pool(job.teacher_pool, "teacher") if kd.uses_teacher_pool else None
+    if pool is not None:
         scored = any(t.data == "teacher" and t.uses_teacher_logits for t in kd.terms)
         if scored and not job.pool_logits and teacher is None:
             raise ValueError(f"method {job.method!r} distils on the teacher pool {job.teacher_pool} without its "
                              "logits (pool_logits: false), so the teacher scores it live: TrainJob.teacher is unset")
+    student_pool = load_pool(job.student_pool, "student") if kd.uses_student_pool else None
 
     data = StepData(kd, codes, BatchOrder(codes.N, job.optim.batch_size, job.seed), student=model, teacher=teacher,
                     seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device,
-                    teacher_pool=pool)
+                    teacher_pool=pool, student_pool=student_pool)
     pool_logits = f"{job.teacher_pool}/logits.npy" if pool is not None and job.pool_logits else None
     caches = {"ground_truth": job.teacher_logits, "teacher_pool": pool_logits}
     targets = TeacherTargets(teacher, caches, codes.N, job.model.num_classes, data.counts)
@@ -213,7 +218,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
             value = term_loss(term, logits, x, target, kd.temperature, clusters)
             total = total + term.weight * value
             logs[names[i]] = value.item()
-        return total, {**logs, **data.counts}
+        return total, {**logs, **data.counts, **data.logs(step)}
 
     summary = train(student, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),
                     eval_fn=lambda: {"val_nll": validation()}, state=data, device=device,
@@ -247,19 +252,19 @@ def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.dev
 
 
 @torch.no_grad()
-def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device("cpu")) -> None:
-    """One teacher sample per training label (null with probability null_fraction): a code set [N, 1, T], and
-    with `job.logits` the teacher's logits on it, logits.npy [N, T, V] float16.
+def sample_pool(job: PoolJob, device: torch.device = torch.device("cpu")) -> None:
+    """One sample of `job.model` per training label (null with probability null_fraction): a code set [N, 1, T],
+    and with `job.logits` the model's logits on it, logits.npy [N, T, V] float16 (a teacher pool's KD targets).
 
-    Shared by every run whose method trains on teacher samples with these rollout settings, across students and
-    seeds; logits.npy is written before the code set, so a complete-looking pool always has its logits.
-    With num_shards > 1 (ImageNet: 1.28M samples) this job draws shard `job.shard` of the labels into
-    out_dir/shards/shard<i>.npz, which gather-codes joins into the code set.
+    Shared by every run whose method trains on that model's samples with these rollout settings: a teacher pool
+    across students and seeds, a student-init pool across seeds. logits.npy is written before the code set, so a
+    complete-looking pool always has its logits. With num_shards > 1 (ImageNet: 1.28M samples) this job draws
+    shard `job.shard` of the labels into out_dir/shards/shard<i>.npz, which gather-codes joins into the code set.
     """
-    teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
-    cfg, r = teacher.config, job.rollout
+    model = load_gpt(job.model, "pool model checkpoint").to(device)
+    cfg, r = model.config, job.rollout
     train_set = load_code_set(job.codes_train)
-    check_codes(train_set, teacher)
+    check_codes(train_set, model)
     rng = np.random.default_rng(job.seed)
     labels = train_set.labels.clone()
     labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
@@ -268,7 +273,7 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
         labels = torch.from_numpy(np.array_split(labels.numpy(), job.num_shards)[job.shard])
         seed = int(np.random.SeedSequence([job.seed, job.shard]).generate_state(1, np.uint64)[0])
         codes = np.empty((len(labels), 1, cfg.block_size), dtype=code_dtype(cfg.vocab_size))
-        for i, x, _ in _teacher_samples(teacher, labels, job, seed, device):
+        for i, x, _ in _pool_samples(model, labels, job, seed, device):
             codes[i : i + len(x), 0] = x.cpu().numpy()
         atomic_save_npz(out_dir / "shards" / f"shard{job.shard}.npz", codes=codes, labels=labels.numpy())
         return
@@ -277,16 +282,16 @@ def sample_teacher_pool(job: TeacherPoolJob, device: torch.device = torch.device
                                                     code_dtype(cfg.vocab_size)))
         shape = (len(labels), cfg.block_size, cfg.vocab_size)
         logits = files.enter_context(atomic_memmap(out_dir / "logits.npy", shape, np.float16)) if job.logits else None
-        for i, x, y in _teacher_samples(teacher, labels, job, job.seed, device):
+        for i, x, y in _pool_samples(model, labels, job, job.seed, device):
             codes[i : i + len(x), 0] = x.cpu().numpy()
             if logits is not None:
-                logits[i : i + len(x)] = teacher_logits(teacher, x, y).cpu().numpy().astype(np.float16)
+                logits[i : i + len(x)] = teacher_logits(model, x, y).cpu().numpy().astype(np.float16)
 
 
-def _teacher_samples(teacher: GPT, labels: torch.Tensor, job: TeacherPoolJob, seed: int, device: torch.device):
-    """The teacher's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
+def _pool_samples(model: GPT, labels: torch.Tensor, job: PoolJob, seed: int, device: torch.device):
+    """The model's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
     r, generator = job.rollout, torch.Generator(device).manual_seed(seed)
     for i in range(0, len(labels), job.batch_size):
         y = labels[i : i + job.batch_size].to(device)
-        yield i, generate(teacher, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
+        yield i, generate(model, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
                           top_p=r.top_p, generator=generator), y

@@ -71,11 +71,12 @@ def sweeps(table: Table) -> plt.Figure:
 
 
 def curves(table: Table) -> plt.Figure:
-    """Training loss and validation NLL against step per method (mean and spread over seeds) and backbone. Each
-    method's loss is its own divergence; the validation NLL compares them."""
+    """Training loss, validation NLL and, for methods that choose their data (GKD, ImitKD, DistiLLM), the share of
+    student samples among the sequences trained on so far, against step per method (mean and spread over seeds)
+    and backbone. Each method's loss is its own divergence; the validation NLL compares them."""
     logs = pd.concat([pd.read_csv(table.results / run.run_dir / "train_log.csv").assign(
         backbone=run.backbone, method=run.method, seed=run.seed) for run in table.compared.itertuples()])
-    quantities = [q for q in ("loss", "val_nll") if q in logs and logs[q].notna().any()]
+    quantities = [q for q in ("loss", "val_nll", "student_share") if q in logs and logs[q].notna().any()]
     long = logs.melt(id_vars=["backbone", "method", "seed", "step"], value_vars=quantities, var_name="quantity")
     grid = sns.relplot(long.dropna(), kind="line", x="step", y="value", hue="method", row="quantity",
                        col="backbone", errorbar="sd", marker="o", height=2.6, aspect=1.5,

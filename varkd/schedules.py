@@ -1,12 +1,15 @@
-"""Which data a KD step trains on: GKD's on-policy fraction and DistiLLM's adaptive student-generated outputs.
+"""Which data a KD step trains on: GKD's on-policy fraction, ImitKD's annealed per-sequence mixture, and DistiLLM's
+adaptive student-generated outputs.
 
-Spec: /work/shared/docs/kd-methods.md, section 2 (GKD, Algorithm 1; TRL `GKDTrainer.training_step`) and
-section 3 (DistiLLM `finetune.py` L265-323 / L411-419 and `distillm/buffer.py`).
+References: GKD, Algorithm 1, and TRL `GKDTrainer.training_step`; ImitKD, asappresearch/imitkd@8b9fadded0e9
+generation/distillation.py `Seq2SeqDistillTrainer` (L404-419, L449-470); DistiLLM, jongwooko/distillm@d47e77ff9d27
+finetune.py L265-323 / L411-419 and distillm/buffer.py.
 
 Randomness is never owned here. Every draw comes from an `rng` the trainer passes in, so that it can seed one
 per step (e.g. `numpy.random.default_rng([seed, step])`, as `varkd.loop.BatchOrder` does) and a resumed run
 makes the same decisions. `choose` calls `rng.random()` exactly once, so either a `numpy.random.Generator`
-(recommended) or a `random.Random` works; `ReplayBuffer.sample` accepts those two types as well.
+(recommended) or a `random.Random` works; `ReplayBuffer.sample` accepts those two types as well;
+`OnPolicyMixture.choose_rows` draws n uniforms from a `numpy.random.Generator`.
 The only mutable state (the adaptive threshold, the reference loss and the buffer contents) is exposed through
 `state_dict()` / `load_state_dict()` and holds only tensors, ints, floats, strings, None and lists / dicts of
 them, so it can go into a checkpoint read with `torch.load(weights_only=True)`.
@@ -23,6 +26,7 @@ import torch
 
 Rng = Union[np.random.Generator, random.Random]
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
+MIXTURE_SCHEDULES = ("constant", "linear", "exponential")
 
 
 class _Uniform(Protocol):
@@ -40,28 +44,61 @@ def _check_empty_state(name: str, state: dict) -> None:
 
 
 class OnPolicyMixture:
-    """GKD's data fraction lambda: each step trains on student samples with probability lambda.
+    """The share lmbda_t of fresh student samples in a step's data: GKD's fraction lambda, ImitKD's annealed beta.
 
-    Algorithm 1 of GKD (Agarwal et al. 2024) and TRL's `training_step`: draw u ~ U(0, 1); if u <= lambda
-    the batch is sampled from the student (on-policy), otherwise the ground-truth batch is used (spec section 2).
+    GKD (Agarwal et al. 2024, Algorithm 1; TRL's `training_step`) draws u ~ U(0, 1) once per step and trains the
+    whole batch on student samples if u <= lambda (`choose`). ImitKD (Lin et al. 2020; asappresearch/imitkd@
+    8b9fadded0e9 generation/distillation.py `Seq2SeqDistillTrainer`) replaces each sequence independently by a
+    student sample with probability 1 - beta (`choose_rows`), beta annealed from 1 over the N steps of the run:
+    linear f(t) = 1 - (1 - final_beta) t / N, exponential f(t) = exp_base ** (-t / N). Its trainer sets
+    beta = f(t) after optimiser iteration t and draws the next batch with it, so step s uses f(s - 1) (and step 0
+    beta = 1). schedule "constant" keeps lmbda_t = lmbda at every step.
     """
 
-    def __init__(self, lmbda: float):
+    def __init__(self, lmbda: float, schedule: str = "constant", *, total_steps: int = 1, final_beta: float = 0.0,
+                 exp_base: float = 200.0):
         if not 0.0 <= lmbda <= 1.0:  # TRL GKDConfig.__post_init__ requires 0 <= lmbda <= 1
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
-        self.lmbda = float(lmbda)
+        if schedule not in MIXTURE_SCHEDULES:
+            raise ValueError(f"schedule must be one of {MIXTURE_SCHEDULES}, got {schedule!r}")
+        if int(total_steps) != total_steps or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps}")
+        if not 0.0 <= final_beta <= 1.0 or not exp_base > 1.0:
+            raise ValueError(f"need 0 <= final_beta <= 1 and exp_base > 1, got {final_beta}, {exp_base}")
+        self.lmbda, self.schedule, self.total_steps = float(lmbda), schedule, int(total_steps)
+        self.final_beta, self.exp_base = float(final_beta), float(exp_base)
 
-    def choose(self, rng: Rng) -> Literal["student", "ground_truth"]:
-        """'student' when u <= lmbda (TRL's exact comparison), else 'ground_truth'; draws u exactly once.
+    def beta(self, step: int) -> float:
+        """ImitKD's ground-truth share at 0-based `step` of an annealed schedule: f(step - 1), 1 at step 0."""
+        t = max(step - 1, 0) / self.total_steps
+        if self.schedule == "linear":
+            return 1.0 - (1.0 - self.final_beta) * t
+        if self.schedule == "exponential":
+            return self.exp_base ** (-t)
+        raise ValueError("beta is the ground-truth share of an annealed schedule (linear or exponential)")
 
-        lmbda = 0 means "never on-policy" (pure supervised KD), so it returns 'ground_truth' even for the
+    def share(self, step: int = 0) -> float:
+        """lmbda_t: the probability that the step (or, per sequence, a row) trains on student samples."""
+        return self.lmbda if self.schedule == "constant" else 1.0 - self.beta(step)
+
+    def choose(self, rng: Rng, step: int = 0) -> Literal["student", "ground_truth"]:
+        """The whole step's source: 'student' when u <= lmbda_t (TRL's exact comparison), else 'ground_truth';
+        draws u exactly once.
+
+        lmbda_t = 0 means "never on-policy" (pure supervised KD), so it returns 'ground_truth' even for the
         measure-zero draw u == 0.0 that `u <= 0` would accept.
         """
         u = _uniform(rng)
-        return "student" if self.lmbda > 0.0 and u <= self.lmbda else "ground_truth"
+        share = self.share(step)
+        return "student" if share > 0.0 and u <= share else "ground_truth"
+
+    def choose_rows(self, rng: np.random.Generator, n: int, step: int) -> np.ndarray:
+        """Per sequence (ImitKD): a bool mask of n rows, each True (a student sample) with probability lmbda_t;
+        n draws u_i ~ U[0, 1), True where u_i < lmbda_t (so lmbda_t = 0 is never)."""
+        return rng.random(n) < self.share(step)
 
     def state_dict(self) -> dict[str, Any]:
-        """Empty: the mixture has no mutable state (present so the trainer can treat all schedules alike)."""
+        """Empty: lmbda_t is a function of the step (present so the trainer can treat all schedules alike)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

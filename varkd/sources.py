@@ -2,16 +2,20 @@
 
 ground_truth: codes of real images, each sequence one of its image's augmented views drawn uniformly (LlamaGen's
 ten-crop; a code set of one view has nothing to draw). teacher / student: sequences sampled by that model (no
-gradient, eval mode, the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); teacher
-samples may instead come from a pool drawn once (`rollout.teacher_pool`), read like the ground truth. mixed: GKD's
-on-policy fraction lambda. adaptive: DistiLLM's schedule over fresh student samples, a replay buffer of them, and
-ground truth.
+gradient, eval mode, the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); they
+may instead come from a pool drawn once (`rollout.teacher_pool`; `rollout.student_pool`: the student init's
+samples), read like the ground truth. mixed: fresh student samples in place of ground truth, for the whole step
+(GKD's on-policy fraction lambda) or per sequence (ImitKD's annealed mixture; a batch of both is scored by the live
+teacher, the cache holding ground-truth rows only). adaptive: DistiLLM's schedule over fresh student samples, a
+replay buffer of them, and ground truth.
 
 Every random choice of a step is seeded by (seed, step, term), so a resumed run draws exactly what an
 uninterrupted one would; the schedule and the buffer are checkpointed with the run. A step split into parts
 (micro-batches, DDP ranks: `varkd.loop.Part`) draws each part's rows from the step's batch indices; the choice of
 source (mixed, adaptive) stays the step's, shared by its parts, while each part samples with its own (seed, step,
-term, part) stream. A step in one part draws exactly what it did before steps were split.
+term, part) stream. ImitKD's per-sequence choices are drawn for the step's whole batch from a child of the step's
+(seed, step, term) seed, so a split step mixes the same rows as an unsplit one. A step in one part draws exactly
+what it did before steps were split.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ from varkd.sjd import generate_sjd
 class Batch:
     codes: torch.Tensor  # [B, T] long
     labels: torch.Tensor  # [B] long, the null class where dropped
-    index: Optional[np.ndarray] = None  # rows of a dataset with cached teacher logits (ground truth, teacher pool)
-    cache: str = "ground_truth"  # which cache `index` points into: ground_truth | teacher_pool
+    index: Optional[np.ndarray] = None  # rows of a dataset, whose teacher logits may be cached (ground truth, pools)
+    cache: str = "ground_truth"  # which dataset `index` points into: ground_truth | teacher_pool | student_pool
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
@@ -49,14 +53,16 @@ class StepData:
 
     def __init__(self, method: MethodConfig, codes: CodeSet, order: BatchOrder, *, student: GPT,
                  teacher: Optional[GPT], seed: int, total_steps: int, validation: Callable[[], float],
-                 device: torch.device, teacher_pool: Optional[CodeSet] = None):
+                 device: torch.device, teacher_pool: Optional[CodeSet] = None, student_pool: Optional[CodeSet] = None):
         self.method, self.codes, self.labels, self.order = method, codes, codes.labels, order
-        self.teacher_pool = teacher_pool  # aligned with the training rows
+        self.pools = {"teacher": teacher_pool, "student": student_pool}  # aligned with the training rows
         self.student, self.teacher, self.seed, self.device = student, teacher, seed, device
         self.validation = validation
         self.null_class = student.config.num_classes
         self.class_dropout = student.config.class_dropout_prob
-        self.mixture = OnPolicyMixture(method.lmbda)
+        mix = method.mixture
+        self.mixture = OnPolicyMixture(mix.lmbda, mix.schedule, total_steps=total_steps, final_beta=mix.final_beta,
+                                       exp_base=mix.exp_base)
         ad = method.adaptive
         self.schedule = AdaptiveSchedule(ad.init_threshold, ad.loss_eps, ad.increment, ad.replay_ratio,
                                          total_steps=total_steps)
@@ -69,6 +75,10 @@ class StepData:
         # one per part of a split step (micro-batches and ranks), summed over ranks in the logs
         self.counts = {"rollouts": 0, "rollout_tokens": 0, "rollout_steps": 0, "replayed": 0, "teacher_forwards": 0,
                        "student_forwards": 0}
+        # sequences of the global batches of terms that choose their source (mixed, adaptive), and how many of them
+        # were student samples (fresh or replayed): counted once per step and term, the same in every part and rank
+        self.chosen = {"rows": 0, "student_rows": 0}
+        self._chosen_at: dict[int, int] = {}  # term -> the last step counted
 
     def __call__(self, term_index: int, step: int, part: Part = WHOLE) -> Batch:
         term = self.method.terms[term_index]
@@ -77,14 +87,18 @@ class StepData:
         generator = torch.Generator(self.device).manual_seed(int(part_rng.integers(2**62)))
         index = part.rows(self.order(step))
         source = term.data
+        if source == "mixed" and self.method.mixture.granularity == "sequence":
+            return self._mixed_rows(step, term_index, part, part_rng, generator)
         if source == "mixed":
-            source = self.mixture.choose(rng)
+            source = self.mixture.choose(rng, step)
+            self._count_choice(step, term_index, self.order.batch_size * (source == "student"))
         elif source == "adaptive":
             return self._adaptive(step, term_index, index, rng, part_rng, generator)
         if source == "ground_truth":
             return self.ground_truth(index, part_rng)
-        if source == "teacher" and self.teacher_pool is not None:
-            return Batch(self.teacher_pool.batch(index), self.teacher_pool.labels[index], index, "teacher_pool")
+        pool = self.pools.get(term.data)  # a teacher or student term reads its pool (a mixture never does)
+        if pool is not None:
+            return Batch(pool.batch(index), pool.labels[index], index, f"{source}_pool")
         return self.rollout(self.student if source == "student" else self.teacher, index, part_rng, generator)
 
     def ground_truth(self, index: np.ndarray, rng: np.random.Generator) -> Batch:
@@ -110,6 +124,29 @@ class StepData:
         self.counts["rollout_tokens"] += codes.numel()
         return Batch(codes.cpu(), labels.cpu())
 
+    def _mixed_rows(self, step: int, term_index: int, part: Part, part_rng: np.random.Generator,
+                    generator: torch.Generator) -> Batch:
+        """ImitKD: each row of the step's batch is a fresh student sample with probability lmbda_t, else its ground
+        truth. The rows are chosen for the whole batch, so parts and ranks agree; one rollout samples the part's
+        student rows. A batch with student rows carries no index: the teacher scores all its rows live."""
+        rows = self.order(step)
+        stream = np.random.default_rng(np.random.SeedSequence([self.seed, step, term_index]).spawn(1)[0])
+        on_policy = self.mixture.choose_rows(stream, len(rows), step)
+        self._count_choice(step, term_index, int(on_policy.sum()))
+        on_policy = part.rows(on_policy)
+        index = part.rows(rows)
+        if not on_policy.any():
+            return self.ground_truth(index, part_rng)
+        codes = torch.empty(len(index), self.codes.T, dtype=torch.long)
+        labels = torch.empty(len(index), dtype=torch.long)
+        student = torch.from_numpy(on_policy)
+        if not on_policy.all():
+            truth = self.ground_truth(index[~on_policy], part_rng)
+            codes[~student], labels[~student] = truth.codes, truth.labels
+        sampled = self.rollout(self.student, index[on_policy], part_rng, generator)
+        codes[student], labels[student] = sampled.codes, sampled.labels
+        return Batch(codes, labels)
+
     def _adaptive(self, step: int, term_index: int, index: np.ndarray, rng: np.random.Generator,
                   part_rng: np.random.Generator, generator: torch.Generator) -> Batch:
         """DistiLLM: validate every eval_every steps (step 0 sets the reference loss), then choose the data; once
@@ -119,6 +156,7 @@ class StepData:
                 self.schedule.update(self.validation())
             choice = self.schedule.choose(step + 1, rng, self.buffer.full)  # DistiLLM counts steps from 1
             self._choice = (step, term_index, choice)
+            self._count_choice(step, term_index, self.order.batch_size * (choice != "ground_truth"))
         choice = self._choice[2]
         if choice == "fresh":
             batch = self.rollout(self.student, index, part_rng, generator)
@@ -130,10 +168,34 @@ class StepData:
             return Batch(codes, labels)
         return self.ground_truth(index, part_rng)
 
+    def _count_choice(self, step: int, term_index: int, student_rows: int) -> None:
+        """Count a step's chosen sequences once, whichever part draws first."""
+        if self._chosen_at.get(term_index) == step:
+            return
+        self._chosen_at[term_index] = step
+        self.chosen["rows"] += self.order.batch_size
+        self.chosen["student_rows"] += int(student_rows)
+
+    def logs(self, step: int) -> dict[str, float]:
+        """The data schedule's state at `step`, for train_log.csv: DistiLLM's threshold tau_a (adaptive), the
+        student share lmbda_t (mixed: GKD's lambda, ImitKD's 1 - beta), and student_share, the share of the
+        sequences chosen so far that were student samples, fresh or replayed (mixed and adaptive)."""
+        kinds = {t.data for t in self.method.terms}
+        logs = {}
+        if "adaptive" in kinds:
+            logs["tau_a"] = float(self.schedule.threshold)
+        if "mixed" in kinds:
+            logs["lmbda"] = float(self.mixture.share(step))
+        if kinds & {"adaptive", "mixed"}:
+            logs["student_share"] = self.chosen["student_rows"] / max(self.chosen["rows"], 1)
+        return logs
+
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule.state_dict(), "buffer": self.buffer.state_dict(), "counts": dict(self.counts)}
+        return {"schedule": self.schedule.state_dict(), "buffer": self.buffer.state_dict(), "counts": dict(self.counts),
+                "chosen": dict(self.chosen)}
 
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state["schedule"])
         self.buffer.load_state_dict(state["buffer"])
         self.counts.update(state["counts"])  # in place: the teacher targets share this dict
+        self.chosen.update(state["chosen"])

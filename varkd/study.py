@@ -17,10 +17,9 @@ from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILE
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, DiagnoseJob,
                           EvaluateJob, ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob,
-                          ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, PrepareDataJob,
+                          ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, PoolJob, PrepareDataJob,
                           ResourceConfig, RolloutConfig, SampleConfig, SampleJob, StudyConfig, SweepConfig,
-                          TeacherLogitsJob, TeacherPoolJob, TermConfig, TokenizerJob, TrainJob, check_pair,
-                          structured, to_yaml)
+                          TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
 from varkd.models.gpt import gpt_config
 
 RESULTS = "results"
@@ -294,10 +293,29 @@ class Study:
     def teacher_dir(self, backbone: str) -> str:
         return self.path(self.backbones[backbone].teacher_from or backbone, "teacher")
 
-    def teacher_pool_dir(self, backbone: str, rollout: RolloutConfig) -> str:
-        """One pool per teacher and rollout settings, shared by every method, student and seed that use them."""
+    @staticmethod
+    def pool_dir(model_dir: str, rollout: RolloutConfig) -> str:
+        """One pool per model (a teacher, a student init) and sampling settings, beside the model: shared by every
+        method, student and seed that use them."""
         key = hashlib.sha256(to_yaml(rollout).encode()).hexdigest()[:8]
-        return f"{self.teacher_dir(backbone)}/pool_{key}"
+        return f"{model_dir}/pool_{key}"
+
+    def pool_sampling(self, backbone: str, method: MethodConfig, model: str) -> RolloutConfig:
+        """What shapes a pool's samples (not the student's sampler or window): the method's rollout settings, or
+        for a teacher pool with rollout.eval_sampling the study's evaluation sampling of that teacher."""
+        r = method.rollout
+        if model == "teacher" and r.eval_sampling:
+            owner, sample = self.backbones[backbone].teacher_from or backbone, self.cfg.sample
+            cfg_scale = self.backbones[owner].teacher_cfg_scale
+            options = dict(cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale,
+                           temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p)
+        else:
+            options = dict(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+        try:
+            return RolloutConfig(**options, null_fraction=r.null_fraction)
+        except ConfigError as err:
+            raise ConfigError(f"the {model} pool of backbone {backbone!r} (rollout.eval_sampling draws it with the "
+                              f"study's sample section): {err}") from None
 
     def run_dir(self, run: Run) -> str:
         return self.path(run.backbone, run.method, f"seed{run.seed}")
@@ -506,29 +524,38 @@ class Study:
                 classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
         self._add_diagnose_job(backbone, sdir, identity)
 
+    def _add_pool_jobs(self, model_dir: str, checkpoint: str, rollout: RolloutConfig, seed: int, logits: bool) -> str:
+        """The jobs drawing one model's pool (one job, or pool_shards and their gathering); returns its folder."""
+        pool = self.pool_dir(model_dir, rollout)
+        pool_job = PoolJob(model=checkpoint, codes_train=self.codes("train"), rollout=rollout, seed=seed,
+                           out_dir=pool, logits=logits, num_shards=self.cfg.pool_shards)
+        if pool_job.num_shards == 1:
+            self.jobs[f"{pool}/config.yaml"] = pool_job
+        else:
+            shards = [f"{pool}/shards/shard{i}.npz" for i in range(pool_job.num_shards)]
+            for i, shard in enumerate(shards):
+                self.jobs[shard.replace(".npz", ".yaml")] = dataclasses.replace(pool_job, shard=i)
+            self.jobs[f"{pool}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=pool)
+        return pool
+
     def _add_student_jobs(self, run: Run) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
-        pool, clusters = None, None
+        seed = self.backbones[run.backbone].teacher_seed  # shared artefacts of a backbone: its teacher's seed
+        pool, student_pool, clusters = None, None, None
         if method.uses_clusters:
             clusters = self.clusters(method.clusters)
             self.jobs[self.path("data", "clusters", f"k{method.clusters}.yaml")] = ClusterJob(
                 tokenizer=self.tokenizer, num_clusters=method.clusters, out=clusters)
         if method.uses_teacher_pool:
-            # only what shapes the teacher's samples keys the pool (not the student's sampler or window)
-            r = method.rollout
-            rollout = RolloutConfig(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                    null_fraction=r.null_fraction, teacher_pool=True)
-            pool = self.teacher_pool_dir(run.backbone, rollout)
-            pool_job = TeacherPoolJob(teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), rollout=rollout,
-                                      seed=self.backbones[run.backbone].teacher_seed, out_dir=pool,
-                                      logits=self.cfg.cache_teacher_logits, num_shards=self.cfg.teacher_pool_shards)
-            if pool_job.num_shards == 1:
-                self.jobs[f"{pool}/config.yaml"] = pool_job
-            else:
-                shards = [f"{pool}/shards/shard{i}.npz" for i in range(pool_job.num_shards)]
-                for i, shard in enumerate(shards):
-                    self.jobs[shard.replace(".npz", ".yaml")] = dataclasses.replace(pool_job, shard=i)
-                self.jobs[f"{pool}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=pool)
+            pool = self._add_pool_jobs(tdir, f"{tdir}/teacher.pt", self.pool_sampling(run.backbone, method, "teacher"),
+                                       seed, logits=self.cfg.cache_teacher_logits)
+        if method.uses_student_pool:
+            init = self.student_init(run.backbone)
+            if init is None:
+                raise ConfigError(f"method {run.method!r} sets rollout.student_pool, drawn from the backbone's student "
+                                  f"init, but backbone {run.backbone!r} has none (set student_pretrain)")
+            student_pool = self._add_pool_jobs(str(Path(init).parent), init,
+                                               self.pool_sampling(run.backbone, method, "student"), seed, logits=False)
         cached = self.cfg.cache_teacher_logits
         live = method.needs_live_teacher or (not cached and (method.uses_cached_logits or pool is not None))
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
@@ -537,8 +564,8 @@ class Study:
             codes_train=self.codes("train"), codes_val=self.codes("val"),
             teacher=f"{tdir}/teacher.pt" if live else None,
             teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits and cached else None,
-            teacher_pool=pool, pool_logits=cached, init=self.student_init(run.backbone), clusters=clusters,
-            out_dir=rdir)
+            teacher_pool=pool, pool_logits=cached, student_pool=student_pool, init=self.student_init(run.backbone),
+            clusters=clusters, out_dir=rdir)
         identity = {"backbone": run.backbone, "method": run.method, "seed": run.seed}
         self._add_generation_jobs(rdir, f"{rdir}/student.pt", identity, run.seed,
                                   self.backbones[run.backbone].student_cfg_scale)

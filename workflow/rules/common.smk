@@ -28,6 +28,7 @@ wildcard_constraints:
     table=r"main|baselines|ablations",
     figure=r"[a-z]+",
     pool=r"pool_[0-9a-f]+",
+    poolmodel=r"teacher|student_init",
     split=r"train|val|test",
     shard=r"\d+",
     k=r"\d+",

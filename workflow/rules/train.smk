@@ -72,10 +72,11 @@ rule cache_teacher_logits:
         "varkd cache-teacher-logits {input.config} --threads {threads} > {log} 2>&1"
 
 
-if STUDY.cfg.teacher_pool_shards == 1:
+if STUDY.cfg.pool_shards == 1:
 
     rule teacher_pool:
-        """Teacher samples drawn once per teacher and rollout settings, with their logits (SeqKD, DistiLLM-2)."""
+        """Teacher samples drawn once per teacher and sampling settings, with their logits where the study caches
+        them (SeqKD, DistiLLM-2)."""
         priority: 10
         input:
             unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
@@ -89,38 +90,55 @@ if STUDY.cfg.teacher_pool_shards == 1:
         resources:
             **cluster_resources("teacher_pool"),
         shell:
-            "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+            "varkd sample-pool {input.config} --threads {threads} > {log} 2>&1"
+
+    rule student_pool:
+        """Samples of the backbone's student init drawn once per sampling settings (DistiLLM-2's offline student
+        responses); no logits: the teacher scores them live."""
+        priority: 10
+        input:
+            unpack(job("results/{study}/{backbone}/student_init/{pool}/config.yaml")),
+        output:
+            "results/{study}/{backbone}/student_init/{pool}/codes.npy",
+            "results/{study}/{backbone}/student_init/{pool}/labels.npy",
+        log:
+            "results/logs/{study}/{backbone}/student_init/{pool}.log",
+        threads: STUDY.resources("student_pool").cpus
+        resources:
+            **cluster_resources("student_pool"),
+        shell:
+            "varkd sample-pool {input.config} --threads {threads} > {log} 2>&1"
 
 else:
 
-    rule teacher_pool_shard:
-        """One shard of a teacher pool (paper scale: 1.28M samples over teacher_pool_shards jobs)."""
+    rule pool_shard:
+        """One shard of a teacher or student-init pool (paper scale: 1.28M samples over pool_shards jobs)."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/teacher/{pool}/shards/shard{shard}.yaml")),
+            unpack(job("results/{study}/{backbone}/{poolmodel}/{pool}/shards/shard{shard}.yaml")),
         output:
-            "results/{study}/{backbone}/teacher/{pool}/shards/shard{shard}.npz",
+            "results/{study}/{backbone}/{poolmodel}/{pool}/shards/shard{shard}.npz",
         log:
-            "results/logs/{study}/{backbone}/teacher/{pool}_shard{shard}.log",
-        threads: STUDY.resources("teacher_pool_shard").cpus
+            "results/logs/{study}/{backbone}/{poolmodel}/{pool}_shard{shard}.log",
+        threads: STUDY.resources("pool_shard").cpus
         resources:
-            **cluster_resources("teacher_pool_shard"),
+            **cluster_resources("pool_shard"),
         shell:
-            "varkd teacher-pool {input.config} --threads {threads} > {log} 2>&1"
+            "varkd sample-pool {input.config} --threads {threads} > {log} 2>&1"
 
-    rule gather_teacher_pool:
-        """A teacher pool's shards, in order, into its code set."""
+    rule gather_pool:
+        """A pool's shards, in order, into its code set."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
+            unpack(job("results/{study}/{backbone}/{poolmodel}/{pool}/config.yaml")),
         output:
-            "results/{study}/{backbone}/teacher/{pool}/codes.npy",
-            "results/{study}/{backbone}/teacher/{pool}/labels.npy",
+            "results/{study}/{backbone}/{poolmodel}/{pool}/codes.npy",
+            "results/{study}/{backbone}/{poolmodel}/{pool}/labels.npy",
         log:
-            "results/logs/{study}/{backbone}/teacher/{pool}_gather.log",
-        threads: STUDY.resources("gather_teacher_pool").cpus
+            "results/logs/{study}/{backbone}/{poolmodel}/{pool}_gather.log",
+        threads: STUDY.resources("gather_pool").cpus
         resources:
-            **cluster_resources("gather_teacher_pool"),
+            **cluster_resources("gather_pool"),
         shell:
             "varkd gather-codes {input.config} --threads {threads} > {log} 2>&1"
 
