@@ -8,11 +8,11 @@ from PIL import Image
 from torchvision.transforms import TenCrop
 
 from varkd import cli, distill, imagefolder, jobs, sources
-from varkd.checkpoints import save_model
+from varkd.checkpoints import load_gpt, save_model
 from varkd.codes import CodeSet, code_set_writer, load_code_set, save_code_set
 from varkd.config import (CodeShardJob, ExtractCodesJob, GatherCodesJob, IndexImagesJob, MethodConfig, RolloutConfig,
                           PoolJob, TeacherLogitsJob, TermConfig)
-from varkd.data import Split, center_crop_arr, save_splits
+from varkd.data import SPLITS, Split, center_crop_arr, save_splits
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
@@ -66,6 +66,23 @@ def test_index_lists_sorted_classes_and_files(image_tree, tmp_path):
                 for f in sorted(f"img{i}{ext}" for i, (*_, ext) in enumerate(TREE[name]))]
     assert list(zip(index["paths"].tolist(), index["labels"].tolist())) == expected
     assert index["labels"].dtype == np.int64
+
+
+def test_index_slices_each_class_into_disjoint_val_and_test_parts(image_tree, tmp_path):
+    """ImageNet's val/ tree gives the val split (each class's first images) and the test split (the next ones)."""
+    full = tmp_path / "all.npz"
+    imagefolder.index_images(IndexImagesJob(root=str(image_tree), out=str(full)))
+    paths, labels = np.load(full)["paths"].tolist(), np.load(full)["labels"]
+    parts = {}
+    for name, first, count in (("val", 0, 1), ("test", 1, 1)):
+        imagefolder.index_images(IndexImagesJob(root=str(image_tree), first=first, count=count,
+                                                out=str(tmp_path / f"{name}.npz")))
+        parts[name] = np.load(tmp_path / f"{name}.npz")["paths"].tolist()
+        assert np.load(tmp_path / f"{name}.npz")["labels"].tolist() == [0, 1, 2]
+    assert parts["val"] == [paths[np.flatnonzero(labels == c)[0]] for c in range(3)]
+    assert parts["test"] == [paths[np.flatnonzero(labels == c)[1]] for c in range(3)]
+    with pytest.raises(ValueError, match="fewer than 9 images"):
+        imagefolder.index_images(IndexImagesJob(root=str(image_tree), first=8, count=1, out=str(tmp_path / "x.npz")))
 
 
 def test_index_errors_name_the_folder(image_tree, tmp_path):
@@ -142,11 +159,11 @@ def test_cli_runs_the_extraction_commands(image_tree, tmp_path, capsys):
 def test_embedded_extraction_writes_one_view_code_sets(tokenizer, tmp_path):
     tokenizer_path, vq = tokenizer
     rng = np.random.default_rng(1)
-    splits = [Split(rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), rng.integers(0, 3, n)) for n in (6, 4)]
-    save_splits(tmp_path / "images.npz", *splits)
+    splits = [Split(rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), rng.integers(0, 3, n)) for n in (6, 4, 5)]
+    save_splits(tmp_path / "images.npz", dict(zip(SPLITS, splits)))
     jobs.extract_codes(ExtractCodesJob(tokenizer=tokenizer_path, images=str(tmp_path / "images.npz"),
                                        out_dir=str(tmp_path / "codes")), torch.device("cpu"))
-    for split, images in zip(("train", "val"), splits):
+    for split, images in zip(SPLITS, splits):
         codes = load_code_set(tmp_path / "codes" / split)
         assert (codes.N, codes.A, codes.T) == (len(images), 1, 64)
         assert torch.equal(codes.batch(np.arange(codes.N)), vq.encode_to_codes(images.images))
@@ -212,19 +229,28 @@ def test_ground_truth_views_are_random_per_sequence_and_seeded_by_step():
     assert torch.equal(validation.batch(np.arange(4)), torch.zeros(4, 16, dtype=torch.long))  # view 0
 
 
-def test_ten_view_training_runs_but_refuses_the_ground_truth_logits_cache(tmp_path):
+def test_ten_view_ground_truth_logits_cache_holds_every_view(tmp_path):
+    """Views are cached too ([N, A, 2, T, V]): a batch's targets are the teacher's logits on the view it drew."""
     n = 48
     rng = np.random.default_rng(0)
     save_code_set(tmp_path / "train", rng.integers(0, 16, (n, 10, 16)), rng.integers(0, 3, n), vocab_size=16)
     save_code_set(tmp_path / "val", rng.integers(0, 16, (8, 1, 16)), rng.integers(0, 3, 8), vocab_size=16)
     run = distill.train_gpt(job(tmp_path, tmp_path / "ce", steps=2))
-    assert torch.load(run, weights_only=True)["train"]["val_nll"] > 0
-    with pytest.raises(ValueError, match=r"logits.npy: .*cached for one view per image.* 10 augmented views"):
-        distill.train_gpt(job(tmp_path, tmp_path / "fkl", method="fkl", teacher_logits=str(tmp_path / "logits.npy")))
-    with pytest.raises(ValueError, match="10 augmented views"):
-        distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(run), codes_train=str(tmp_path / "train"),
-                                                      out=str(tmp_path / "logits.npy")))
-    assert not (tmp_path / "logits.npy").exists() and not (tmp_path / "fkl").exists()
+    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(run), codes_train=str(tmp_path / "train"),
+                                                  out=str(tmp_path / "logits.npy")))
+    assert np.load(tmp_path / "logits.npy", mmap_mode="r").shape == (n, 10, 2, 16, 16)
+    train_set, teacher = load_code_set(tmp_path / "train"), load_gpt(run)
+    method = MethodConfig(terms=[TermConfig(divergence="fkl")])
+    data = sources.StepData(method, train_set, BatchOrder(n, 16, seed=0), student=teacher, teacher=None, seed=1,
+                            total_steps=4, validation=lambda: 1.0, device=torch.device("cpu"))
+    targets = distill.TeacherTargets(None, {"ground_truth": str(tmp_path / "logits.npy")}, train_set, null_class=3)
+    batch = data(0, 2)
+    assert len(set(batch.views.tolist())) > 1 and torch.equal(batch.codes, train_set.batch(batch.index, batch.views))
+    live = distill.teacher_logits(teacher, batch.codes, batch.labels)
+    torch.testing.assert_close(targets(batch, batch.codes, batch.labels), live, atol=0.02, rtol=0.01)
+    student = distill.train_gpt(job(tmp_path, tmp_path / "fkl", method="fkl", steps=2,
+                                    teacher_logits=str(tmp_path / "logits.npy")))
+    assert torch.load(student, weights_only=True)["train"]["teacher_forwards"] == 0
 
 
 def test_pool_without_logits_is_scored_by_the_live_teacher(codes, tmp_path):

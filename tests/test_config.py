@@ -147,7 +147,8 @@ def test_seqkd_pool_follows_the_studys_evaluation_sampling_of_its_teacher(study_
         path = study.jobs["results/embedded/tiny/seqkd/seed0/config.yaml"].teacher_pool
         return path, study.jobs[f"{path}/config.yaml"].rollout
 
-    sample = {"num_samples": 1000, "batch_size": 1000, "cfg_scale": 1.5, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    sample = {"num_samples": 1000, "val_num_samples": 1000, "batch_size": 1000, "cfg_scale": 1.5, "temperature": 1.0,
+              "top_k": 0, "top_p": 1.0}
     path, rollout = seqkd_pool({**study_dict, "sample": sample})
     assert study_dict["sample"] == sample and Study.load(study_dict).methods["seqkd"].rollout.eval_sampling
     assert (rollout.cfg_scale, rollout.temperature, rollout.top_k, rollout.top_p) == (1.5, 1.0, 0, 1.0)

@@ -26,7 +26,8 @@ def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     study = paper_study(presets, "imagenet.yaml")
     kinds = Counter(type(job).__name__ for job in study.jobs.values())
     # + 3 pools: seqkd's and distillm2's of the teacher, distillm2's of the student init
-    assert kinds["CodeShardJob"] == 2 * study.cfg.codes.num_shards and kinds["GatherCodesJob"] == 2 + 3
+    assert kinds["CodeShardJob"] == study.cfg.codes.num_shards + 2 * study.cfg.codes.heldout_shards
+    assert kinds["GatherCodesJob"] == 3 + 3  # train, val, test
     assert kinds["SampleJob"] == 8 * 17 and kinds["GatherSamplesJob"] == 17  # 15 runs + teacher + student init
     assert "PrepareDataJob" not in kinds and "ClassifierJob" not in kinds and "TeacherLogitsJob" not in kinds
     root, data = "results/imagenet/llamagen_L_B", tmp_path / "paper-data"
@@ -126,10 +127,10 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
     workdir = presets.parent
     out = snakemake(workdir, "-n", "all_ablations", "--configfile", str(presets / "imagenet.yaml")).stdout
     stats = dict(line.split() for line in out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:])
-    for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 2,
-                        "extract_code_shard": 128, "gather_codes": 2, "train_student": 15, "sample_shard": 136,
-                        "gather_samples": 17, "evaluate": 17, "aggregate": 3, "pool_shard": 96,
-                        "gather_pool": 3}.items():
+    for rule, count in {"import_tokenizer": 1, "import_teacher": 1, "import_student": 1, "index_images": 3,
+                        "extract_code_shard": 64 + 2 * 2, "gather_codes": 3, "train_student": 15,
+                        "sample_shard": 136, "gather_samples": 17, "evaluate": 17, "noise_floor": 1,
+                        "diagnose": 16, "aggregate": 3, "pool_shard": 96, "gather_pool": 3}.items():
         assert int(stats[rule]) == count, rule
     for rule in ("train_teacher", "pretrain_student", "prepare_data", "train_classifier", "evaluate_real"):
         assert rule not in stats, rule
@@ -147,7 +148,8 @@ def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(pr
 @pytest.mark.slow
 def test_workflow_extracts_imagenet_codes_in_shards(presets, tmp_path, monkeypatch):
     """The paper-scale data rules for real: the released tokenizer imported (VQ-16 layout, random weights), a tiny
-    ImageFolder tree indexed, ten-crop codes extracted by 2 shard jobs per split and gathered into code sets."""
+    ImageFolder tree indexed (val/ split into val and test), ten-crop codes extracted by 2 shard jobs per split and
+    gathered into code sets."""
     import numpy as np
     from PIL import Image
 
@@ -156,7 +158,7 @@ def test_workflow_extracts_imagenet_codes_in_shards(presets, tmp_path, monkeypat
 
     data = tmp_path / "paper-data"
     rng = np.random.default_rng(0)
-    for split, per_class in (("train", 2), ("val", 1)):
+    for split, per_class in (("train", 2), ("val", 2)):
         for name in ("n01", "n02"):
             folder = data / "imagenet" / split / name
             folder.mkdir(parents=True)
@@ -168,11 +170,13 @@ def test_workflow_extracts_imagenet_codes_in_shards(presets, tmp_path, monkeypat
     for name in ("llamagen/c2i_L_256.pt", "llamagen/c2i_B_256.pt", "weights-inception-2015-12-05-6726825d.pth",
                  "VIRTUAL_imagenet256_labeled.npz"):
         (data / name).touch()  # present (the check is for presence); these targets do not read them
-    (presets / "small.yaml").write_text("codes: {num_shards: 2, batch_size: 10}\n")
-    targets = [f"results/imagenet/data/codes/{split}/codes.npy" for split in ("train", "val")]
+    (presets / "small.yaml").write_text("codes: {num_shards: 2, heldout_shards: 2, batch_size: 10}\n"
+                                        "data: {val_per_class: 1, test_per_class: 1}\n")
+    targets = [f"results/imagenet/data/codes/{split}/codes.npy" for split in ("train", "val", "test")]
     snakemake(presets.parent, *targets, "--configfile", str(presets / "imagenet.yaml"), str(presets / "small.yaml"))
     train = load_code_set(presets.parent / "results/imagenet/data/codes/train")
-    val = load_code_set(presets.parent / "results/imagenet/data/codes/val")
-    assert (train.N, train.A, train.T) == (4, 10, 256) and (val.N, val.A, val.T) == (2, 1, 256)
-    assert train.labels.tolist() == [0, 0, 1, 1] and val.labels.tolist() == [0, 1]
+    val, test = (load_code_set(presets.parent / f"results/imagenet/data/codes/{s}") for s in ("val", "test"))
+    assert (train.N, train.A, train.T) == (4, 10, 256) and (val.N, val.A, val.T) == (test.N, test.A, test.T) == (2, 1, 256)
+    assert train.labels.tolist() == [0, 0, 1, 1] and val.labels.tolist() == test.labels.tolist() == [0, 1]
+    assert not np.array_equal(val.codes, test.codes)  # each class's first image, then its second
     assert len(list((presets.parent / "results/imagenet/data/codes/train/shards").glob("shard*.npz"))) == 2

@@ -173,7 +173,7 @@ def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path
                             seed=0, total_steps=4, validation=lambda: 1.0, device=torch.device("cpu"),
                             teacher_pool=pool)
     batch = data(0, step=2)
-    targets = distill.TeacherTargets(None, {"teacher_pool": str(pool_dir / "logits.npy")}, len(x), null_class=3)
+    targets = distill.TeacherTargets(None, {"teacher_pool": str(pool_dir / "logits.npy")}, train_set, null_class=3)
     assert torch.equal(batch.codes, pool_codes[batch.index]) and torch.equal(batch.labels, pool_labels[batch.index])
     assert torch.equal(targets(batch, batch.codes, batch.labels), torch.from_numpy(logits[batch.index]).float())
 
@@ -293,7 +293,7 @@ def test_mixed_batches_are_scored_by_the_live_teacher(codes, tmp_path):
     train_set = load_code_set(codes / "train")
     data = sources.StepData(IMITKD, train_set, BatchOrder(train_set.N, 8, seed=0), student=random_gpt(0),
                             teacher=teacher, seed=0, total_steps=20, validation=lambda: 1.0, device=torch.device("cpu"))
-    targets = distill.TeacherTargets(teacher, {"ground_truth": str(tmp_path / "logits.npy")}, train_set.N,
+    targets = distill.TeacherTargets(teacher, {"ground_truth": str(tmp_path / "logits.npy")}, train_set,
                                      null_class=3, counts=data.counts)
     truth = data(0, 0)
     cached = targets(truth, truth.codes, truth.labels)
@@ -377,7 +377,7 @@ def test_distillm_logs_its_threshold_rising_with_the_validation_loss(codes, tmp_
     # evaluations at steps 0, 2, 4, ..., 10 (eval_every 2), then the final one; fires: 2.2 >= 2.0 + 0.1 at step 4,
     # 2.35 >= 2.2 + 0.1 at step 8; 2.25 (step 6) and 2.4 (step 10) do not
     script = iter([2.0, 1.9, 2.2, 2.25, 2.35, 2.4, 1.0])
-    monkeypatch.setattr(distill, "validation_nll", lambda *args, **kwargs: next(script))
+    monkeypatch.setattr(distill, "heldout_nll", lambda *args, **kwargs: next(script))
     method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")],
                           adaptive=AdaptiveConfig(init_threshold=0.3, loss_eps=0.1, capacity=16, eval_every=2))
     distill.train_gpt(job(codes, tmp_path / "d", method="distillm", kd=method, teacher=str(teacher_path),
@@ -429,7 +429,7 @@ def test_student_pool_is_read_for_student_terms_and_scored_by_the_live_teacher(c
     assert batch.cache == "student_pool" and np.array_equal(batch.index, data.order(2))
     assert torch.equal(batch.codes, spool.batch(batch.index)) and torch.equal(batch.labels, spool.labels[batch.index])
     teacher = load_gpt(teacher_path)
-    targets = distill.TeacherTargets(teacher, {"teacher_pool": str(tmp_path / "tpool" / "logits.npy")}, train_set.N,
+    targets = distill.TeacherTargets(teacher, {"teacher_pool": str(tmp_path / "tpool" / "logits.npy")}, train_set,
                                      null_class=3)
     assert torch.equal(targets(batch, batch.codes, batch.labels),
                        distill.teacher_logits(teacher, batch.codes, batch.labels))

@@ -125,15 +125,15 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
         live = teacher(x[:5, :-1], y[:5])
         live_null = teacher(x[:5, :-1], torch.full_like(y[:5], 3))
     # the cache is made under bf16 autocast and stored in float16
-    torch.testing.assert_close(torch.from_numpy(cache[:5, 0]).float(), live, atol=0.1, rtol=0.05)
-    torch.testing.assert_close(torch.from_numpy(cache[:5, 1]).float(), live_null, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(torch.from_numpy(cache[:5, 0, 0]).float(), live, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(torch.from_numpy(cache[:5, 0, 1]).float(), live_null, atol=0.1, rtol=0.05)
 
     # the gather keeps the batch order and picks the null slot for null labels
-    targets = distill.TeacherTargets(None, {"ground_truth": str(tmp_path / "logits.npy")}, len(x), null_class=3)
+    targets = distill.TeacherTargets(None, {"ground_truth": str(tmp_path / "logits.npy")}, train_set, null_class=3)
     index, labels = np.array([7, 2, 5]), torch.tensor([0, 3, 1])
-    got = targets(sources.Batch(x[index], labels, index), x[index], labels)
-    assert torch.equal(got[1], torch.from_numpy(cache[2, 1]).float())
-    assert torch.equal(got[0], torch.from_numpy(cache[7, 0]).float())
+    got = targets(sources.Batch(x[index], labels, index, views=np.zeros(3, np.int64)), x[index], labels)
+    assert torch.equal(got[1], torch.from_numpy(cache[2, 0, 1]).float())
+    assert torch.equal(got[0], torch.from_numpy(cache[7, 0, 0]).float())
 
     student = distill.train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
                                     teacher_logits=str(tmp_path / "logits.npy")))
@@ -151,9 +151,9 @@ def test_mismatched_vocabulary_fails_before_training(codes, tmp_path):
     assert not (tmp_path / "x" / "train_log.csv").exists()
 
 
-def test_validation_nll_of_a_uniform_model_is_log_vocab(codes):
+def test_heldout_nll_of_a_uniform_model_is_log_vocab(codes):
     model = GPT(GPTConfig(**TINY))  # output.weight is zero-initialised: uniform predictions
-    assert distill.validation_nll(model, load_code_set(codes / "val")) == pytest.approx(np.log(16), rel=1e-5)
+    assert distill.heldout_nll(model, load_code_set(codes / "val")) == pytest.approx(np.log(16), rel=1e-5)
 
 
 def test_drop_labels_rate():

@@ -61,6 +61,10 @@ class DataConfig:
     val_per_class: int = 50
     test_per_class: int = 100
     split_seed: int = 0
+    # Each training digit is stored as train_views images (its code set's A views; training draws one per step),
+    # every image of every split shifted by up to max_shift px each way and, for mnist_photo, over its own patch.
+    train_views: int = 1
+    max_shift: int = 0
     # mnist_photo: the scikit-image photographs the backgrounds come from, resized to a short side of
     # background_side px, in grey dimmed to background_intensity (the digits stay the brightest pixels)
     backgrounds: list[str] = field(default_factory=lambda: list(PHOTOGRAPHS))
@@ -71,7 +75,10 @@ class DataConfig:
         _check_choice("data.source", self.source, ("mnist", "mnist_photo", "imagefolder"))
         if self.source == "imagefolder" and not self.root:
             raise ConfigError("data.root is required when data.source=imagefolder")
-        _check_positive(self, "image_size", "num_classes", "val_per_class", "test_per_class", "background_side")
+        _check_positive(self, "image_size", "num_classes", "val_per_class", "test_per_class", "background_side",
+                        "train_views")
+        if not 0 <= self.max_shift <= 2:
+            raise ConfigError(f"data.max_shift must be in [0, 2] (the digits' zero border), got {self.max_shift}")
         if self.source == "mnist_photo" and not self.backgrounds:
             raise ConfigError("data.backgrounds must name at least one scikit-image photograph")
         if not 0 < self.background_intensity <= 1:
@@ -84,12 +91,13 @@ class CodesConfig:
 
     augment: str = "none"  # train split: none (the image once) | tencrop (4 corners + centre, each also h-flipped)
     crop_range: float = 1.1  # tencrop: ADM centre crop to crop_range * image_size before the ten crops (LlamaGen)
-    num_shards: int = 1  # data.source=imagefolder: extraction jobs per split, one cluster job each
+    num_shards: int = 1  # data.source=imagefolder: extraction jobs for the train split, one cluster job each
+    heldout_shards: int = 1  # ... and for each of the val and test splits (a few images per class, one view each)
     batch_size: int = 256
 
     def __post_init__(self):
         _check_augment(self.augment, self.crop_range, "codes.")
-        _check_positive(self, "num_shards", "batch_size")
+        _check_positive(self, "num_shards", "heldout_shards", "batch_size")
 
 
 def _check_augment(augment: str, crop_range: float, prefix: str = "") -> None:

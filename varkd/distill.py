@@ -42,23 +42,16 @@ def check_codes(codes: CodeSet, model: GPT, allow_null: bool = False) -> None:
                          f"num_classes={cfg.num_classes}")
 
 
-def require_one_view(codes: CodeSet, cache: str) -> None:
-    """The ground-truth logits cache holds one sequence per image: augmented views have no cached logits."""
-    if codes.A > 1:
-        raise ValueError(f"{cache}: ground-truth teacher logits are cached for one view per image, but "
-                         f"{codes.source} holds {codes.A} augmented views per image; without the cache "
-                         "(cache_teacher_logits: false) the teacher scores ground-truth batches live")
-
-
 class TeacherTargets:
     """Teacher logits for a batch: read from a cache where the batch indexes one, else a live forward.
 
-    Caches: ground_truth [N, 2, T, V] (cond and null label of every training sequence), teacher_pool [N, T, V]
+    Caches: ground_truth [N, A, 2, T, V] (every view of every training image, under its class and the null class),
+    teacher_pool [N, T, V]
     (each pool sequence under the label it was sampled with). Student pools, mixed batches and fresh samples have
     none: the teacher scores them live.
     """
 
-    def __init__(self, teacher: Optional[GPT], caches: dict[str, Optional[str]], num_items: int, null_class: int,
+    def __init__(self, teacher: Optional[GPT], caches: dict[str, Optional[str]], codes: CodeSet, null_class: int,
                  counts: Optional[dict] = None):
         self.teacher, self.null_class = teacher, null_class
         self.counts = {} if counts is None else counts  # teacher_forwards, checkpointed with the run's counts
@@ -67,7 +60,7 @@ class TeacherTargets:
             if path is None:
                 continue
             cache = np.load(path, mmap_mode="r")
-            expected = (num_items, 2) if name == "ground_truth" else (num_items,)
+            expected = (codes.N, codes.A, 2) if name == "ground_truth" else (codes.N,)
             if cache.shape[: len(expected)] != expected or cache.ndim != len(expected) + 2:
                 raise ValueError(f"teacher logits {path} have shape {cache.shape}, expected "
                                  f"[{', '.join(map(str, expected))}, T, V]")
@@ -79,7 +72,7 @@ class TeacherTargets:
             order = np.argsort(batch.index, kind="stable")  # sorted reads are much faster on a memory map
             if batch.cache == "ground_truth":
                 is_null = (batch.labels == self.null_class).numpy().astype(np.int64)
-                rows = cache[batch.index[order], is_null[order]]
+                rows = cache[batch.index[order], batch.views[order], is_null[order]]
             else:
                 rows = cache[batch.index[order]]
             logits = np.empty_like(rows)
@@ -154,8 +147,6 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
     rank_parts(job.optim, distributed.world_size(), distributed.rank())  # fail before loading anything
     torch.manual_seed(job.seed)
     codes, val_codes = load_code_set(job.codes_train), load_code_set(job.codes_val)
-    if job.teacher_logits:
-        require_one_view(codes, job.teacher_logits)
     model = GPT(job.model).to(device)
     if job.init:  # a resumed run then loads its own checkpoint over these weights
         init = load_gpt(job.init, "student init checkpoint")
@@ -196,7 +187,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
                     teacher_pool=pool, student_pool=student_pool)
     pool_logits = f"{job.teacher_pool}/logits.npy" if pool is not None and job.pool_logits else None
     caches = {"ground_truth": job.teacher_logits, "teacher_pool": pool_logits}
-    targets = TeacherTargets(teacher, caches, codes.N, job.model.num_classes, data.counts)
+    targets = TeacherTargets(teacher, caches, codes, job.model.num_classes, data.counts)
     clusters = None
     if kd.uses_clusters:
         if job.clusters is None:
@@ -233,22 +224,25 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
 
 @torch.no_grad()
 def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.device("cpu")) -> None:
-    """Teacher logits on every training sequence, for its class and for the null class: [N, 2, T, V] float16.
+    """Teacher logits on every view of every training sequence, for its class and for the null class:
+    [N, A, 2, T, V] float16.
 
     Ground-truth KD sees the same sequences every epoch, so the teacher runs once per backbone instead of once
     per student step (the dominant cost of FKL at the embedded scale).
     """
     codes = load_code_set(job.codes_train)
-    require_one_view(codes, job.out)
     teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
     check_codes(codes, teacher)
     cfg = teacher.config
-    with atomic_memmap(job.out, (codes.N, 2, cfg.block_size, cfg.vocab_size), np.float16) as out:
+    with atomic_memmap(job.out, (codes.N, codes.A, 2, cfg.block_size, cfg.vocab_size), np.float16) as out:
         for i in range(0, codes.N, job.batch_size):
             rows = np.arange(i, min(i + job.batch_size, codes.N))
-            x, y = codes.batch(rows).to(device), codes.labels[rows].to(device)
-            for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
-                out[i : i + len(rows), slot] = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
+            y = codes.labels[rows].to(device)
+            for view in range(codes.A):
+                x = codes.batch(rows, np.full(len(rows), view)).to(device)
+                for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
+                    logits = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
+                    out[i : i + len(rows), view, slot] = logits
 
 
 @torch.no_grad()

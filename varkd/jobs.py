@@ -28,7 +28,7 @@ from varkd.tokenizer import reconstruction_mse, tokenizer_loss
 
 
 def prepare_data(job: PrepareDataJob, device: torch.device) -> None:
-    splits = dict(zip(SPLITS, load_digits(job.data)))
+    splits = load_digits(job.data)
     save_splits(job.out, splits)
     print(f"{job.out}: " + " / ".join(f"{len(s)} {name}" for name, s in splits.items())
           + f" images {splits['train'].images.shape[1:]}")
@@ -73,14 +73,16 @@ def train_tokenizer(job: TokenizerJob, device: torch.device) -> None:
 
 
 def extract_codes(job: ExtractCodesJob, device: torch.device) -> None:
-    """Codes of every image, one code set per split (out_dir/train, val, test), each image once (A = 1)."""
+    """Codes of every image, one code set per split (out_dir/train, val, test): [N, A, T] with each image's A views."""
     vq = load_vq(job.tokenizer).to(device)
     for split in SPLITS:
         images = read_split(job.images, split)
         codes = vq.encode_to_codes(images.images, job.batch_size)
         used = len(torch.unique(codes))
-        save_code_set(Path(job.out_dir) / split, codes[:, None].numpy(), images.labels, vq.config.codebook_size)
-        print(f"codes {split}: {tuple(codes.shape)}, {used} of {vq.config.codebook_size} codes used")
+        save_code_set(Path(job.out_dir) / split, codes.view(-1, images.views, codes.shape[1]).numpy(),
+                      images.labels[:: images.views], vq.config.codebook_size)
+        print(f"codes {split}: {len(images) // images.views} images x {images.views} views x {codes.shape[1]} codes, "
+              f"{used} of {vq.config.codebook_size} codes used")
 
 
 def train_classifier(job: ClassifierJob, device: torch.device) -> None:

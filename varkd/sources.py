@@ -41,6 +41,7 @@ class Batch:
     labels: torch.Tensor  # [B] long, the null class where dropped
     index: Optional[np.ndarray] = None  # rows of a dataset, whose teacher logits may be cached (ground truth, pools)
     cache: str = "ground_truth"  # which dataset `index` points into: ground_truth | teacher_pool | student_pool
+    views: Optional[np.ndarray] = None  # ground truth: the view of each row
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
@@ -103,9 +104,9 @@ class StepData:
 
     def ground_truth(self, index: np.ndarray, rng: np.random.Generator) -> Batch:
         """The rows' codes, one view per row drawn with `rng` where the code set holds several."""
-        views = rng.integers(self.codes.A, size=len(index)) if self.codes.A > 1 else None
+        views = rng.integers(self.codes.A, size=len(index)) if self.codes.A > 1 else np.zeros(len(index), np.int64)
         labels = drop_labels(self.labels[index], self.class_dropout, self.null_class)
-        return Batch(self.codes.batch(index, views), labels, index)
+        return Batch(self.codes.batch(index, views), labels, index, views=views)
 
     def rollout(self, model: GPT, index: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Batch:
         """Sample sequences for the classes of the rows `index` (a null_fraction of them unconditional)."""

@@ -426,7 +426,8 @@ class Study:
             out=self.path("real", "metrics.json"))
 
     def _add_extraction_jobs(self) -> None:
-        """Paper scale: per split, the ImageFolder index, codes.num_shards extraction jobs, and their gathering."""
+        """Paper scale: per split, the ImageFolder index, its extraction jobs (codes.num_shards for train,
+        codes.heldout_shards for val and test) and their gathering."""
         cfg = self.cfg
         # (tree, each class's first image, how many): val and test are disjoint slices of the val/ tree
         slices = {"train": ("train", 0, 0), "val": ("val", 0, cfg.data.val_per_class),
@@ -435,12 +436,13 @@ class Study:
             index = self.path("data", "index", f"{split}.npz")
             self.jobs[self.path("data", "index", f"{split}.yaml")] = IndexImagesJob(
                 root=f"{cfg.data.root}/{tree}", first=first, count=count, out=index)
-            shards = [self.code_shard(split, i) for i in range(cfg.codes.num_shards)]
+            count = cfg.codes.num_shards if split == "train" else cfg.codes.heldout_shards
+            shards = [self.code_shard(split, i) for i in range(count)]
             for i, shard in enumerate(shards):
                 self.jobs[shard.replace(".npz", ".yaml")] = CodeShardJob(
                     tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{tree}",
                     image_size=cfg.data.image_size, augment=cfg.codes.augment if split == "train" else "none",
-                    crop_range=cfg.codes.crop_range, shard=i, num_shards=cfg.codes.num_shards,
+                    crop_range=cfg.codes.crop_range, shard=i, num_shards=count,
                     batch_size=cfg.codes.batch_size, out=shard)
             self.jobs[f"{self.codes(split)}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=self.codes(split))
 
