@@ -1,7 +1,7 @@
 """Official LlamaGen files: GPT c2i (all released sizes) and the VQ-16 tokenizer, loaded key for key.
 
 No real weights are available offline, so the files here are built from the key lists derived from LlamaGen's
-source (tests/data/backbone-keys.txt, a copy of shared/docs/backbone-keys.txt) and saved in the released layouts:
+source (tests/data/backbone-keys.txt, a copy of the key lists printed from the released checkpoints) and saved in the released layouts:
 `{"model": state_dict}` for DDP-trained models and the tokenizer, the bare state dict for FSDP-trained ones.
 The GPT-B- and VQ-16-sized tests are marked slow (CI runs them): about 20 s together on one CPU thread.
 """
@@ -52,7 +52,7 @@ def gpt_sizes() -> dict[str, dict[str, int]]:
 
 def official_gpt_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """The key list of a c2i size: GPT-B's (layers.0 repeated) with 768 / 2048 / 2304 replaced by its dim / FFN
-    hidden / 3 * dim, the rule backbones.md A.2 states for the other sizes."""
+    hidden / 3 * dim, the rule docs/llamagen.md A.2 states for the other sizes."""
     lines = section("GPT-B c2i state_dict")
     assert lines[-1].strip() == "... layers.1..11 identical to layers.0; total tensors=88"
     b, s = gpt_sizes()["GPT-B"], gpt_sizes()[name]
@@ -236,7 +236,7 @@ def test_gpt_b_file_loads_strictly_and_runs(gpt_b_files, kind, image_size):
 
 
 def reference_logits(state: dict, cfg, idx: torch.Tensor, labels: torch.Tensor, class_rope: str = "zero"):
-    """LlamaGen's c2i forward written out from backbones.md A.1, independently of varkd.models.gpt: the 2-D RoPE
+    """LlamaGen's c2i forward written out from docs/llamagen.md A.1, independently of varkd.models.gpt: the 2-D RoPE
     rotates interleaved pairs as complex numbers (Meta's Llama style) and attention is an explicit softmax.
     class_rope="zero" is LlamaGen's class row (q and k multiplied by 0); "identity" leaves them unrotated."""
     B, L, H, hd = idx.shape[0], idx.shape[1] + 1, cfg.n_head, cfg.head_dim

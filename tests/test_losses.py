@@ -150,7 +150,7 @@ def test_jsd_limits_and_exact_endpoints_are_fkl_and_rkl():
 
 
 def test_distillm_js_distance_lam_0_9_is_gkd_jsd_beta_0_1():
-    """kd-methods.md section 2: DistiLLM's js_distance(lam) mixes M = (1 - lam) p + lam q, weighting KL(q||M) by lam."""
+    """docs/distillation.md section 2: DistiLLM's js_distance(lam) mixes M = (1 - lam) p + lam q, weighting KL(q||M) by lam."""
     student, teacher = random_pair(3, 4, 10, seed=1)
     p, q, lam = torch.softmax(teacher.double(), -1), torch.softmax(student.double(), -1), 0.9
     mixed = (1 - lam) * p + lam * q
@@ -174,7 +174,7 @@ def test_skew_divergences_are_bounded_by_unskewed_and_equal_at_alpha_0(alpha):
 
 
 def test_distillm_skewed_forward_kl_cross_entropy_minus_skl_is_teacher_entropy():
-    """kd-methods.md section 3: DistiLLM's code computes -sum p log(alpha p + (1 - alpha) q), SKL plus H(p)."""
+    """docs/distillation.md section 3: DistiLLM's code computes -sum p log(alpha p + (1 - alpha) q), SKL plus H(p)."""
     student, teacher = random_pair(3, 5, 11, seed=3)
     p, q, alpha = torch.softmax(teacher.double(), -1), torch.softmax(student.double(), -1), 0.1
     distillm = -(p * torch.log(alpha * p + (1 - alpha) * q)).sum(-1)

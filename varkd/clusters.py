@@ -3,7 +3,7 @@
 VQ codes that decode to similar patches are interchangeable for the image, yet a token-level divergence
 penalises every disagreement between them. Distilling the cluster marginals P(k) = sum_{v in C_k} p(v) instead
 removes disagreement inside a cluster (and can only lower a KL: data-processing inequality). The clustering
-follows IAR's balanced k-means (Hu et al., CVPR 2025; kd-methods.md section 6) on the l2-normalised code
+follows IAR's balanced k-means (Hu et al., CVPR 2025; docs/distillation.md section 6) on the l2-normalised code
 vectors, which are what LlamaGen's decoder looks up.
 """
 from __future__ import annotations

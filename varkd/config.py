@@ -87,7 +87,7 @@ class DataConfig:
 
 @dataclass
 class CodesConfig:
-    """How images become token sequences; at paper scale LlamaGen's augmentations (backbones.md A.5)."""
+    """How images become token sequences; at paper scale LlamaGen's augmentations (docs/llamagen.md A.5)."""
 
     augment: str = "none"  # train split: none (the image once) | tencrop (4 corners + centre, each also h-flipped)
     crop_range: float = 1.1  # tencrop: ADM centre crop to crop_range * image_size before the ten crops (LlamaGen)
@@ -150,7 +150,7 @@ REWEIGHTS = ("none", "confidence", "entropy")
 
 @dataclass
 class WeightingConfig:
-    """The token-weighting axis: which positions get teacher supervision, and how much (kd-methods.md 5, 8.3).
+    """The token-weighting axis: which positions get teacher supervision, and how much (docs/distillation.md 5, 8.3).
 
     A position's weight is gate * score. The gate is 1 where the selector accepts the position and low_weight
     elsewhere (0 masks it): confidence max_v p_T(v) >= threshold; entropy H(p_T) <= threshold (nats);
@@ -213,7 +213,7 @@ class TermConfig:
 class RolloutConfig:
     """Sequences sampled during training (no gradient, models in eval mode, KV-cache sampler)."""
 
-    cfg_scale: float = 1.0  # assumption: unguided rollouts; kd-methods.md section 8 suggests ablating this
+    cfg_scale: float = 1.0  # assumption: unguided rollouts; docs/distillation.md section 8 suggests ablating this
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -472,7 +472,7 @@ class BackboneConfig:
     teacher_pretrained: Optional[str] = None
     student_pretrained: Optional[str] = None
     # CFG scale when sampling this backbone's teacher / students for evaluation (None: sample.cfg_scale); LlamaGen
-    # publishes one per model size (backbones.md A.6).
+    # publishes one per model size (docs/llamagen.md A.6).
     teacher_cfg_scale: Optional[float] = None
     student_cfg_scale: Optional[float] = None
     student: GPTConfig = field(default_factory=GPTConfig)

@@ -1,7 +1,7 @@
 """GPT training on VQ codes: the teacher (CE) and every student method, driven by the method config.
 
 The method is data: a sum of terms, each a divergence (`varkd.losses`) on sequences from a data source
-(`varkd.sources`). Teacher and student always see the same class label, null or not (kd-methods.md section 9):
+(`varkd.sources`). Teacher and student always see the same class label, null or not (docs/distillation.md section 9):
 labels are dropped once, when the batch is drawn, before either model runs.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An ImageNet-style folder into a code set at paper scale: index the split, extract shards of it, gather them.
 
-LlamaGen's extraction (backbones.md A.5): the ADM centre crop to int(crop_range * image_size), then
+LlamaGen's extraction (docs/llamagen.md A.5): the ADM centre crop to int(crop_range * image_size), then
 TenCrop(image_size) in torchvision's order (4 corners and the centre, then the same five of the h-flipped image),
 each view VQ-encoded; without ten-crop the image once, at the ADM centre crop. Shards are contiguous slices of
 the sorted index, so gathering them in order gives what one job would have extracted.

@@ -1,4 +1,4 @@
-"""Per-position losses over next-token logits, in float32 log space (docs: kd-methods.md sections 1-3, 9).
+"""Per-position losses over next-token logits, in float32 log space (docs: docs/distillation.md sections 1-3, 9).
 
 Every function returns one value per position ([B, T]); `reduce` turns them into the scalar loss, so token
 weighting and masking stay in one place. p is the teacher, q the student. Every divergence takes the softmax of

@@ -2,7 +2,7 @@
 
 Not every teacher prediction deserves the same trust: where the teacher is unsure, or rejects the token the
 sequence actually has, its distribution is a poor target (SelecTKD / SpecKD gating, confidence and entropy
-selection; kd-methods.md sections 5 and 8.3). `WeightingConfig` documents the selectors and scores. Weights are
+selection; docs/distillation.md sections 5 and 8.3). `WeightingConfig` documents the selectors and scores. Weights are
 computed from detached logits at temperature 1 and never carry gradient.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 localrules:
     aggregate,
+    claims,
     plot,
 
 
@@ -23,6 +24,19 @@ rule aggregate:
     shell:
         "varkd aggregate {input.metrics} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
         " --sweeps {params.sweeps:q} --noise {input.noise}"
+
+
+rule claims:
+    """The paper's claims against the study's tables and its student inits' diagnostics -> tables/claims.{csv,md}."""
+    input:
+        summaries=[STUDY.path("tables", f"{table}_summary.csv") for table in ("main", "baselines", "ablations")],
+        diagnostics=STUDY.diagnostics_files([]),
+    output:
+        "results/{study}/tables/claims.csv",
+        report("results/{study}/tables/claims.md", caption="../report/claims.rst", category="Tables"),
+    shell:
+        "varkd claims --summaries {input.summaries} --diagnostics {input.diagnostics}"
+        " --out-dir results/{wildcards.study}/tables"
 
 
 rule plot:
