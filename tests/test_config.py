@@ -167,7 +167,7 @@ def test_seqkd_pool_follows_the_studys_evaluation_sampling_of_its_teacher(study_
     (presets / "backbones" / "tiny.yaml").write_text((presets / "backbones" / "tiny.yaml").read_text()
                                                      + "teacher_cfg_scale: 3.0\n")
     study = Study.load(study_dict)
-    pools = {study.jobs[f"results/embedded/{b}/seqkd/seed0/config.yaml"].teacher_pool for b in ("tiny", "tiny_wide")}
+    pools = {study.jobs[f"results/embedded/{b}/seqkd/seed0/config.yaml"].teacher_pool for b in ("tiny", "tiny_shallow")}
     assert len(pools) == 1 and study.jobs[f"{pools.pop()}/config.yaml"].rollout.cfg_scale == 3.0
     (presets / "methods" / "seqkd_live.yaml").write_text("base: seqkd\nset: {rollout.teacher_pool: false}\n")
     with pytest.raises(ConfigError, match="seqkd_live.yaml.*rollout.eval_sampling.*teacher_pool"):
@@ -182,7 +182,7 @@ def test_student_pool_is_drawn_once_from_each_backbones_init_and_shared_by_seeds
     study = Study.load({**study_dict, "methods": ["distillm2"], "seeds": [0, 1, 2]})
     method = study.methods["distillm2"]
     assert method.uses_student_pool and method.uses_teacher_pool
-    for backbone in ("tiny", "tiny_wide"):
+    for backbone in ("tiny", "tiny_shallow"):
         runs = [study.jobs[f"results/embedded/{backbone}/distillm2/seed{s}/config.yaml"] for s in (0, 1, 2)]
         pools = {run.student_pool for run in runs}
         assert len(pools) == 1
@@ -285,8 +285,8 @@ def test_sweeps_make_named_runs_on_their_backbones(study_dict):
     study = Study.load({**study_dict, "ablations": ["varkd"], "sweeps": sweeps})
     assert study.table_methods("ablations") == ["varkd", "varkd-k4", "varkd-k64", "varkd-window2"]
     runs = {(r.backbone, r.method) for r in study.runs(study.table_methods("ablations"))}
-    assert ("tiny", "varkd-k4") in runs and ("tiny_wide", "varkd-k4") not in runs
-    assert ("tiny_wide", "varkd-window2") in runs
+    assert ("tiny", "varkd-k4") in runs and ("tiny_shallow", "varkd-k4") not in runs
+    assert ("tiny_shallow", "varkd-window2") in runs
     assert study.methods["varkd-k64"].clusters == 64 and study.methods["varkd-window2"].rollout.window == 2
     assert study.jobs["results/embedded/tiny/varkd-k64/seed0/config.yaml"].clusters.endswith("clusters/k64.npy")
     bad = [{**sweeps[1], "values": [4]}]

@@ -176,17 +176,17 @@ def test_the_study_diagnoses_each_student_init_and_each_methods_first_seed(study
     expected = {f"{root}/{b}/student_init/diagnose.yaml" for b in study_dict["backbones"]}
     expected |= {f"{study.run_dir(r)}/diagnose.yaml" for r in study.runs() if r.seed == 3}
     assert set(jobs) == expected
-    init, run = jobs[f"{root}/tiny_wide/student_init/diagnose.yaml"], jobs[f"{root}/tiny_wide/fkl/seed3/diagnose.yaml"]
-    assert init.teacher == run.teacher == f"{root}/tiny/teacher/teacher.pt"  # tiny_wide borrows tiny's teacher
-    assert (init.student, init.out) == (f"{root}/tiny_wide/student_init/student.pt",
-                                        f"{root}/tiny_wide/student_init/diagnostics.csv")
-    assert init.identity == {"backbone": "tiny_wide", "method": "student_init", "seed": 0}
-    assert run.identity == {"backbone": "tiny_wide", "method": "fkl", "seed": 3}
+    init, run = jobs[f"{root}/tiny_shallow/student_init/diagnose.yaml"], jobs[f"{root}/tiny_shallow/fkl/seed3/diagnose.yaml"]
+    assert init.teacher == run.teacher == f"{root}/tiny/teacher/teacher.pt"  # tiny_shallow borrows tiny's teacher
+    assert (init.student, init.out) == (f"{root}/tiny_shallow/student_init/student.pt",
+                                        f"{root}/tiny_shallow/student_init/diagnostics.csv")
+    assert init.identity == {"backbone": "tiny_shallow", "method": "student_init", "seed": 0}
+    assert run.identity == {"backbone": "tiny_shallow", "method": "fkl", "seed": 3}
     assert {job.seed for job in jobs.values()} == {3}  # every student on the same rows and random stream
     assert run.diagnose.num_sequences == 64 and run.codes_val == f"{root}/data/codes/val"
-    assert study.job_inputs(f"{root}/tiny_wide/fkl/seed3/diagnose.yaml") == [
+    assert study.job_inputs(f"{root}/tiny_shallow/fkl/seed3/diagnose.yaml") == [
         run.teacher, run.student, f"{root}/data/codes/val/codes.npy", f"{root}/data/codes/val/labels.npy"]
-    (tmp_path / "job.yaml").write_text(study.job_text(f"{root}/tiny_wide/fkl/seed3/diagnose.yaml"))
+    (tmp_path / "job.yaml").write_text(study.job_text(f"{root}/tiny_shallow/fkl/seed3/diagnose.yaml"))
     assert load_job(DiagnoseJob, tmp_path / "job.yaml") == run
     files = study.diagnostics_files(study_dict["methods"])
     assert files == [f"{root}/{b}/student_init/diagnostics.csv" for b in study_dict["backbones"]] + [

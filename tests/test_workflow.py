@@ -73,15 +73,15 @@ def test_dry_run_of_the_embedded_study(presets):
     out = snakemake(presets.parent, "-n", "all").stdout
     for rule in ("train_teacher", "cache_teacher_logits", "train_student", "sample", "evaluate", "aggregate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
-    assert "results/embedded/tiny_wide/fkl/seed0/metrics.json" in out
-    assert out.count("\nrule train_teacher:") == 1  # tiny_wide borrows tiny's teacher
+    assert "results/embedded/tiny_shallow/fkl/seed0/metrics.json" in out
+    assert out.count("\nrule train_teacher:") == 1  # tiny_shallow borrows tiny's teacher
     out = snakemake(presets.parent, "-n", "all_baselines").stdout
     for method in ("rkl", "seqkd", "imitkd", "gkd", "onpolicy_rkl", "distillm", "distillm2"):
-        assert f"results/embedded/tiny_wide/{method}/seed0/metrics.json" in out, method
+        assert f"results/embedded/tiny_shallow/{method}/seed0/metrics.json" in out, method
     assert "results/embedded/tables/baselines.csv" in out
     out = snakemake(presets.parent, "-n", "all_ablations").stdout
     for method in ("varkd", "varkd_no_clusters", "varkd_ar_rollouts"):
-        assert f"results/embedded/tiny_wide/{method}/seed0/metrics.json" in out, method
+        assert f"results/embedded/tiny_shallow/{method}/seed0/metrics.json" in out, method
     assert "results/embedded/tiny/varkd-k64/seed0/metrics.json" in out
     assert "results/embedded/tables/ablations.csv" in out and "rule cluster_codebook:" in out
 
