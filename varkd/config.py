@@ -253,7 +253,7 @@ class AdaptiveConfig:
     increment: float = 0.1
     replay_ratio: str = "decreasing"  # decreasing | constant | increasing
     capacity: int = 1000  # replay buffer size in sequences
-    eval_every: int = 62  # DistiLLM validates once per epoch: 4,000 sequences / batch 64
+    eval_every: int = 54  # DistiLLM validates once per epoch: 3,500 embedded training sequences / batch 64
 
     def __post_init__(self):
         _check_choice("replay_ratio", self.replay_ratio, ("decreasing", "constant", "increasing"))
