@@ -161,3 +161,29 @@ def test_uint8_helpers():
     assert model.training
     with pytest.raises(ValueError, match="square"):
         model.decode_to_uint8(codes[:, :63])
+
+
+def test_tokenizer_job_is_reproducible_and_refuses_a_collapsed_codebook(tmp_path):
+    """The job seeds its initial weights (two runs write the same bytes) and fails, naming the codebook usage and
+    writing no tokenizer, when fewer than tokenizer.min_codebook_usage of the codes are in use."""
+    from varkd.config import OptimConfig, TokenizerConfig, TokenizerJob
+    from varkd.data import Split, save_splits
+    from varkd.jobs import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    save_splits(tmp_path / "images.npz", {name: Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                                                      np.zeros(n, np.int64)) for name, n in (("train", 16), ("val", 4))})
+    optim = OptimConfig(steps=3, batch_size=8, warmup_steps=1, checkpoint_every=3, log_every=1, precision="fp32")
+
+    def job(out, usage):
+        return TokenizerJob(tokenizer=TokenizerConfig(model=tiny_config(), optim=optim, min_codebook_usage=usage),
+                            images=str(tmp_path / "images.npz"), out_dir=str(tmp_path / out))
+
+    train_tokenizer(job("a", 0.0), torch.device("cpu"))
+    train_tokenizer(job("b", 0.0), torch.device("cpu"))
+    assert (tmp_path / "a" / "tokenizer.pt").read_bytes() == (tmp_path / "b" / "tokenizer.pt").read_bytes()
+    used = torch.load(tmp_path / "a" / "tokenizer.pt", weights_only=True)["train"]["codes_used"]
+    assert 0 < used <= 16 * 64
+    with pytest.raises(ValueError, match=rf"collapsed: {used} of 64 codes .* below tokenizer.min_codebook_usage=1.0"):
+        train_tokenizer(job("c", 1.0), torch.device("cpu"))
+    assert not (tmp_path / "c" / "tokenizer.pt").exists()

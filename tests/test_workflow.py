@@ -22,7 +22,7 @@ from varkd.study import FIGURES
 
 MINIATURE = {
     "data": {"val_per_class": 5, "test_per_class": 10},
-    "tokenizer": {"model": {"ch": 8, "z_channels": 16, "norm_groups": 4},
+    "tokenizer": {"model": {"ch": 8, "z_channels": 16, "norm_groups": 4}, "min_codebook_usage": 0.02,  # 30 steps
                   "optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
     "classifier": {"optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
     "backbones": ["tiny"],

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("--name", default="main", help="table name: <out-dir>/<name>.csv, _summary.csv, .md, .tex")
     agg.add_argument("--sweeps", type=json.loads, default=[],
                      help="JSON list of the sweep points of the table's runs (sweep, backbone, method, value)")
-    agg.add_argument("--noise", nargs="*", default=[], help="the backbones' noise.json files (the caption's noise floor)")
+    agg.add_argument("--noise", nargs="*", default=[],
+                     help="the backbones' noise.json files (the caption's noise floor)")
     clm = sub.add_parser("claims", help="the paper's claims against the study's tables and diagnostics")
     clm.add_argument("--summaries", nargs="*", default=[], help="tables' <table>_summary.csv files")
     clm.add_argument("--diagnostics", nargs="*", default=[], help="diagnostics.csv files (varkd diagnose)")

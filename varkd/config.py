@@ -841,7 +841,8 @@ class EvaluateJob:
     val_samples: Optional[str] = None  # samples_val.npz, drawn with another seed (None: no val_* image metrics)
     real_key: Optional[str] = None  # the real row: the images.npz array scored as samples ("train_images")
     num_samples: int = 0  # 0: all; else a seeded random subset of this size
-    reference: Optional[str] = None  # images.npz: its test / val splits are the real sides (None: evaluate.reference_batch)
+    # images.npz: its test / val splits are the real sides (None: evaluate.reference_batch)
+    reference: Optional[str] = None
     classifier: Optional[str] = None  # feature_extractor varkd-classifier: the study's classifier
     checkpoint: Optional[str] = None  # the run's model: its held-out NLLs are reported too
     codes_val: Optional[str] = None

@@ -72,7 +72,9 @@ def compose(digits: np.ndarray, views: int, cfg: DataConfig, rng: np.random.Gene
     texture, so many codes are plausible almost everywhere (visual token ambiguity) instead of one black background
     at most positions. Views are augmentation, as LlamaGen's ten crops: 3,500 training digits alone are memorised
     by a 1.4M-parameter teacher in ~20 epochs."""
-    photos = [p.mean(-1) for p in photographs(cfg.backgrounds, cfg.background_side)] if cfg.source == "mnist_photo" else []
+    photos = []
+    if cfg.source == "mnist_photo":
+        photos = [photo.mean(-1) for photo in photographs(cfg.backgrounds, cfg.background_side)]
     side, shift = digits.shape[1], cfg.max_shift
     out = np.empty((len(digits) * views, side, side), dtype=np.uint8)
     for i, digit in enumerate(np.repeat(digits, views, axis=0)):

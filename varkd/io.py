@@ -45,8 +45,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a file object: given a path, torch names the archive's records after the (random) temporary file,
+    # so two saves of the same object would differ in bytes
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:

@@ -243,9 +243,10 @@ class RealSide:
             return reference_batch_metrics(generated, self.batch, feature_extractor=cfg.feature_extractor,
                                            weights_path=self.weights, device=device.type,
                                            prc_neighborhood=cfg.prc_neighborhood)
-        return compute_metrics(generated, read_split(self.images, split).images, feature_extractor=cfg.feature_extractor,
-                               weights_path=self.weights, device=device.type, kid=cfg.kid,
-                               prc_neighborhood=cfg.prc_neighborhood, isc_splits=cfg.isc_splits, seed=seed)
+        real = read_split(self.images, split).images
+        return compute_metrics(generated, real, feature_extractor=cfg.feature_extractor, weights_path=self.weights,
+                               device=device.type, kid=cfg.kid, prc_neighborhood=cfg.prc_neighborhood,
+                               isc_splits=cfg.isc_splits, seed=seed)
 
 
 def _read_samples(path: str, key: str, count: int, rng: np.random.Generator) -> np.ndarray:
