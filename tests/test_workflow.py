@@ -161,7 +161,7 @@ def test_miniature_study_end_to_end(presets):
     for run in ("tiny/student_init", "tiny/ce/seed0", "tiny/fkl/seed0", "tiny/varkd/seed0"):
         diagnostics = pd.read_csv(root / run / "diagnostics.csv")
         assert set(diagnostics["context"]) == {"ground_truth", "student"} and diagnostics["mean"].notna().all(), run
-        assert (diagnostics["n"] == 100).all()  # the 100 held-out sequences (fewer than diagnose.num_sequences)
+        assert (diagnostics["n"] == 50).all()  # the 50 validation sequences (fewer than diagnose.num_sequences)
     assert not (root / "tiny" / "teacher" / "diagnostics.csv").exists()
 
     assert jobs_to_run(workdir) == {}  # a second run does nothing
@@ -202,6 +202,14 @@ def test_miniature_study_end_to_end(presets):
     diagnosed = {p.parent.relative_to(root).as_posix() for p in root.rglob("diagnostics.csv")}
     assert diagnosed == {"tiny/student_init"} | {f"tiny/{m}/seed0" for m in ablations.index[3:]} | {
         f"tiny/{m}/seed0" for m in table["method"][3:]}
+
+    # the claims table is computed from the metrics files and the student inits' diagnostics
+    claims = pd.read_csv(root / "tables" / "claims.csv")
+    fid = {m: json.loads((root / "tiny" / m / "seed0" / "metrics.json").read_text())["fid"] for m in ("ce", "fkl")}
+    kd = claims[(claims["evidence"] == "fkl - ce") & (claims["metric"] == "fid")].iloc[0]
+    assert kd["difference"] == pytest.approx(fid["fkl"] - fid["ce"]) and kd["verdict"] == "not measured"  # one seed
+    assert "student_init: student - ground truth" in set(claims["evidence"])
+    assert "## Standard distillation" in (root / "tables" / "claims.md").read_text()
 
     # what researchers read: tables, figures, the report, the notebooks
     for name in ("main", "baselines", "ablations"):
