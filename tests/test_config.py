@@ -317,10 +317,10 @@ def test_full_embedded_study_overrides_only_the_budget(capsys):
 
 def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
     """config/tune-distillm.yaml: DistiLLM alone on one backbone, init_threshold and loss_eps each swept around the
-    preset's values, 3 seeds; every run logs val_nll often enough to plot beside tau_a."""
+    preset's values, 2 seeds; every run logs val_nll often enough to plot beside tau_a."""
     default_path, tune_path = REPO / "config" / "config.yaml", REPO / "config" / "tune-distillm.yaml"
     assert cli(["check-config", str(default_path), str(tune_path)]) == 0
-    assert "study 'tune-distillm': 21 runs" in capsys.readouterr().out  # (1 preset + 6 swept values) x 3 seeds
+    assert "study 'tune-distillm': 12 runs" in capsys.readouterr().out  # (1 preset + 5 swept values) x 2 seeds
     tune = yaml.safe_load(tune_path.read_text())
     study = Study.load(OmegaConf.merge(OmegaConf.load(default_path), OmegaConf.load(tune_path)))  # as Snakemake
     assert (study.name, study.cfg.backbones, study.cfg.methods, study.cfg.baselines, study.cfg.ablations) == (
@@ -330,11 +330,11 @@ def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
     for key, name in (("init_threshold", "init"), ("loss_eps", "eps")):
         values = sorted(p["value"] for p in points if p["sweep"] == name)
         own = getattr(preset, key)
-        assert own in values and min(values) <= own <= max(values) and len(values) == 4, key
+        assert own in values and min(values) <= own <= max(values) and len(values) >= 3, key
         for p in points:
             if p["sweep"] == name:
                 assert getattr(study.methods[p["method"]].adaptive, key) == p["value"]
-    assert study.cfg.student_optim.eval_every > 0 and "TUNED:" in (REPO / "config/methods/distillm.yaml").read_text()
+    assert study.cfg.student_optim.eval_every > 0 and "TUNED on the validation split" in (REPO / "config/methods/distillm.yaml").read_text()
 
 
 def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
