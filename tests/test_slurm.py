@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 LOCAL_RULES = {"all", "resolve_config", "aggregate", "plot"}
 # The teacher trains long enough (a few seconds) to be caught mid-run and requeued.
-TEACHER = {"teacher_optim": {"steps": 600, "checkpoint_every": 100, "log_every": 100}}
+TEACHER_STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,12 @@ def slurm():
         pytest.skip("no SLURM: set VARKD_TEST_SLURM=local (root on Debian: starts one here) or =cluster")
 
 
-def miniature(presets: Path) -> Path:
+def miniature(presets: Path, teacher_steps: int = TEACHER_STEPS) -> Path:
     study = presets / "config.yaml"
     study.write_text(yaml.safe_dump(merge(yaml.safe_load(study.read_text()), MINIATURE)))
     backbone = presets / "backbones" / "tiny.yaml"
-    backbone.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(backbone.read_text()), MINI_BACKBONE), TEACHER)))
+    teacher = {"teacher_optim": {"steps": teacher_steps, "checkpoint_every": 100, "log_every": 100}}
+    backbone.write_text(yaml.safe_dump(merge(merge(yaml.safe_load(backbone.read_text()), MINI_BACKBONE), teacher)))
     return presets.parent
 
 
@@ -117,14 +118,16 @@ def test_study_on_slurm_with_a_requeued_training_job(slurm, presets, tmp_path):
 
 
 def test_ctrl_c_cancels_the_submitted_jobs(slurm, presets):
-    workdir = miniature(presets)
+    workdir = miniature(presets, teacher_steps=1_000_000)  # still training whenever the poll below sees it run
     run = slurm_snakemake(workdir, "results/embedded/tiny/teacher/teacher.pt")
     wait_for(lambda: any(j["name"] == "smk-train_teacher" and j["state"] == "RUNNING" for j in our_jobs(workdir))
              or run.poll() is not None, 600, "the teacher's job to run")
+    assert run.poll() is None, "snakemake ended before the teacher's job ran:\n" + run.communicate()[0][-3000:]
     os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole foreground process group
     out, _ = run.communicate(timeout=120)
-    assert run.returncode != 0
+    assert run.returncode != 0, out[-3000:]
     (job,) = [j for j in our_jobs(workdir) if j["name"] == "smk-train_teacher"]
+    # a loaded machine (the CI's two cores busy) has taken over a minute to show the cancellation in sacct
     wait_for(lambda: [j for j in our_jobs(workdir) if j["id"] == job["id"] and j["state"].startswith("CANCELLED")],
-             60, f"job {job['id']} to be cancelled")
+             300, f"job {job['id']} to be cancelled; snakemake printed:\n{out[-3000:]}")
     assert "cancelled 1 submitit job" in out, out[-3000:]
