@@ -334,7 +334,8 @@ def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
         for p in points:
             if p["sweep"] == name:
                 assert getattr(study.methods[p["method"]].adaptive, key) == p["value"]
-    assert study.cfg.student_optim.eval_every > 0 and "TUNED on the validation split" in (REPO / "config/methods/distillm.yaml").read_text()
+    preset_text = (REPO / "config/methods/distillm.yaml").read_text()
+    assert study.cfg.student_optim.eval_every > 0 and "TUNED on the validation split" in preset_text
 
 
 def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
