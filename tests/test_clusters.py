@@ -67,7 +67,7 @@ def test_cluster_file_is_checked(tmp_path):
     with pytest.raises(ValueError, match="unequal sizes"):
         load_clusters(str(tmp_path / "uneven.npy"), 16, 2)
     (tmp_path / "corrupt.npy").write_bytes(b"not numpy")
-    with pytest.raises(ValueError, match="corrupt.npy cannot be read"):
+    with pytest.raises(ValueError, match="corrupt.npy is corrupt"):
         load_clusters(str(tmp_path / "corrupt.npy"), 16, 2)
 
 

@@ -2,7 +2,6 @@
 std over seeds, what plots and notebooks read), <name>.md to read and <name>.tex (booktabs) for a paper."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,7 +9,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from varkd import tables
-from varkd.io import atomic_path, atomic_write_text
+from varkd.io import atomic_path, atomic_write_text, load_json
 
 # the cost of a training run, from its checkpoint's summary; metrics.json stores each as train_<key>
 TRAIN_COSTS = ("wall_s", "steps", "student_forwards", "teacher_forwards", "rollouts", "rollout_tokens",
@@ -26,13 +25,11 @@ def load_metrics(paths: list[str], results: str | Path) -> pd.DataFrame:
     """One row per metrics file; run_dir is its folder (train_log.csv, samples.npz) relative to `results`."""
     rows = []
     for path in paths:
-        try:
-            row = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read metrics file {path}: {err}") from None
-        missing = [key for key in IDENTITY if key not in row]
+        row = load_json(path, "metrics file")
+        missing = [key for key in IDENTITY if not isinstance(row, dict) or row.get(key) in (None, "")]
         if missing:
-            raise ValueError(f"metrics file {path} lacks {missing}: it cannot be placed in a table")
+            raise ValueError(f"metrics file {path} has no {missing} (its run's identity): it cannot be placed in a "
+                             "table; rerun its evaluation")
         rows.append({**row, "run_dir": Path(os.path.relpath(Path(path).parent, results)).as_posix()})
     frame = pd.DataFrame(rows)
     return frame[[c for c in COLUMNS if c in frame]]
@@ -42,12 +39,12 @@ def noise_caption(paths: Sequence[str]) -> str:
     """The measured noise floor, one clause per backbone: FID's standard deviation over sampling seeds of one model."""
     clauses = []
     for path in paths:
+        noise = load_json(path, "noise file")
         try:
-            noise = json.loads(Path(path).read_text())
             clauses.append(f"{noise['backbone']} {noise['sd']['fid']:.2f} ({noise['method']}, {noise['noise_seeds']} "
                            f"sampling seeds x {noise['num_samples']:,} samples)")
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"cannot read noise file {path}: {err!r}") from None
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"noise file {path} lacks {err}") from None
     if not clauses:
         return "The sampling noise floor was not measured (evaluate.noise_seeds: 0)."
     return ("Noise floor, the standard deviation of FID over sampling seeds of one model: " + "; ".join(clauses)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from varkd import tables
-from varkd.io import atomic_path, atomic_write_text
+from varkd.io import atomic_path, atomic_write_text, read_csv
 
 CLAIMS = {
     "kd_beats_ce": "Standard distillation (forward KL on data) beats training the student alone (CE)",
@@ -152,8 +152,8 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def write_claims(summaries: Sequence[str], diagnostics: Sequence[str], out_dir: str | Path) -> pd.DataFrame:
     """`varkd claims`: read the summaries and diagnostics files, write claims.csv and claims.md into out_dir."""
-    frames = [pd.read_csv(path) for path in summaries]
-    diag = pd.concat([pd.read_csv(path) for path in diagnostics]) if diagnostics else pd.DataFrame(
+    frames = [read_csv(path, "table summary") for path in summaries]
+    diag = pd.concat([read_csv(path, "diagnostics file") for path in diagnostics]) if diagnostics else pd.DataFrame(
         columns=["backbone", "method", "context", "position", "quantity", "mean", "se"])
     frame = claims(frames, diag)
     out_dir = Path(out_dir)

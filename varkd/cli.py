@@ -6,6 +6,7 @@ trains on N local GPUs (DDP, `varkd.distributed`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import torch
 
 from varkd import config as C
 from varkd import checkpoints, clusters, diagnostics, distill, distributed, imagefolder, jobs
+from varkd.io import Busy, job_lock, remove_partials
 from varkd.loop import Interrupted, rank_parts
 
 
@@ -41,6 +43,21 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
 }
 
 
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="varkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=f"run a {name} job")
         p.add_argument("job", help="job config (YAML) written by the workflow")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--threads", type=int, default=int(os.environ.get("VARKD_THREADS", "0")),
+        p.add_argument("--threads", type=count(0), default=int(os.environ.get("VARKD_THREADS", "0")),
                        help="torch CPU threads (0: torch's default)")
         if name == "train":
-            p.add_argument("--nproc", type=int, default=1,
+            p.add_argument("--nproc", type=count(0), default=1,
                            help="processes (DDP ranks), one per local GPU; ignored in ranks that torchrun or srun "
                                 "started")
     agg = sub.add_parser("aggregate", help="gather metrics.json files into tables")
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from omegaconf import OmegaConf
 
-            merged = OmegaConf.merge(*(OmegaConf.load(path) for path in args.study))
+            merged = OmegaConf.merge(*(C.load_yaml(path) for path in args.study))
             study = Study.load(merged, " + ".join(args.study))
             print(f"study {study.name!r}: {len(study.runs())} runs, {len(study.jobs)} jobs")
             missing = study.missing_files()
@@ -111,12 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             schema, run = COMMANDS[args.command]
             job = C.load_job(schema, args.job)
             ranks = distributed.environment() if args.command == "train" else None
-            if args.command == "train" and ranks is None and args.nproc > 1:
-                rank_parts(job.optim, args.nproc, 0)  # a batch that does not split fails here, not in every rank
-                return distributed.launch(args.nproc, argv)  # each rank runs this command, finding its rank
-            with distributed.process_group(ranks, torch.device(args.device)) as device:
-                run(job, device)
-    except (C.ConfigError, FileNotFoundError, ValueError, KeyError, FloatingPointError) as err:
+            # One process runs a job at a time: the job's lock is held by it, by the launcher of its local ranks
+            # or, for ranks srun started, by rank 0; that process first removes its killed writes' leftovers.
+            owner = ranks is None or (ranks.rank == 0 and not distributed.launched())
+            with job_lock(args.job) if owner else contextlib.nullcontext():
+                if owner:
+                    remove_partials(job.outputs())
+                if args.command == "train" and ranks is None and args.nproc > 1:
+                    rank_parts(job.optim, args.nproc, 0)  # a batch that does not split fails here, not in each rank
+                    return distributed.launch(args.nproc, argv)  # each rank runs this command, finding its rank
+                with distributed.process_group(ranks, torch.device(args.device)) as device:
+                    run(job, device)
+    except (C.ConfigError, OSError, ValueError, KeyError, FloatingPointError, Busy) as err:
         print(f"varkd {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:

@@ -13,7 +13,7 @@ import torch
 
 from varkd.checkpoints import load_vq
 from varkd.config import ClusterJob
-from varkd.io import atomic_path
+from varkd.io import atomic_path, load_npy
 
 
 def balanced_kmeans(x: np.ndarray, k: int, iters: int = 100, seed: int = 0) -> np.ndarray:
@@ -62,10 +62,7 @@ def cluster_logits(logits: torch.Tensor, order: torch.Tensor, num_clusters: int)
 
 def load_clusters(path: str, vocab_size: int, num_clusters: int) -> torch.Tensor:
     """The cluster assignment file -> the codes in cluster order, checked against the vocabulary and k."""
-    try:
-        assign = np.load(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cluster assignment {path} cannot be read ({err}); rerun its cluster_codebook rule") from None
+    assign = load_npy(path, "cluster assignment (its cluster_codebook rule makes it)")
     if assign.shape != (vocab_size,):
         raise ValueError(f"cluster assignment {path} covers {assign.shape} codes, the model's vocab_size={vocab_size}")
     sizes = np.bincount(assign)

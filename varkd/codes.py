@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from varkd.config import code_set_files
-from varkd.io import atomic_memmap, atomic_path
+from varkd.io import atomic_memmap, atomic_path, load_npy
 
 
 def code_dtype(vocab_size: int) -> np.dtype:
@@ -88,12 +88,6 @@ class CodeSet:
 
 def load_code_set(folder: str | Path) -> CodeSet:
     """The code set in `folder`, codes memory-mapped; a missing or unreadable file is named."""
-    arrays = []
-    for path, mmap in zip(code_set_files(str(folder)), ("r", None)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"code set {folder}: {path} does not exist")
-        try:
-            arrays.append(np.load(path, mmap_mode=mmap, allow_pickle=False))
-        except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"code set {folder}: {path} is corrupt or not a .npy file: {err}") from None
+    files = zip(code_set_files(str(folder)), ("r", None))
+    arrays = [load_npy(path, f"code set {folder}:", mmap) for path, mmap in files]
     return CodeSet(*arrays, source=f"code set {folder}")

@@ -19,7 +19,7 @@ from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
 from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
 from varkd.config import PoolJob, TeacherLogitsJob, TermConfig, TrainJob, to_yaml
-from varkd.io import atomic_memmap, atomic_save_npz, provenance
+from varkd.io import atomic_memmap, atomic_save_npz, load_npy, provenance
 from varkd.loop import BatchOrder, Part, autocast, rank_parts, train, training_module
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
@@ -59,7 +59,7 @@ class TeacherTargets:
         for name, path in caches.items():
             if path is None:
                 continue
-            cache = np.load(path, mmap_mode="r")
+            cache = load_npy(path, "teacher logits", mmap_mode="r")
             expected = (codes.N, codes.A, 2) if name == "ground_truth" else (codes.N,)
             if cache.shape[: len(expected)] != expected or cache.ndim != len(expected) + 2:
                 raise ValueError(f"teacher logits {path} have shape {cache.shape}, expected "

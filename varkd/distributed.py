@@ -110,9 +110,17 @@ def launch(nproc: int, argv: list[str]) -> int:
     return 0
 
 
+LAUNCHED = "VARKD_LAUNCHED"  # set in the ranks `launch` starts
+
+
+def launched() -> bool:
+    """This process is a rank that `launch` started (its launcher holds the job's lock)."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
 def _run_rank(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
-                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{LAUNCHED: "1"})
     from varkd.cli import main
 
     sys.exit(main(argv))

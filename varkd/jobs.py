@@ -18,7 +18,7 @@ from varkd.config import (ClassifierJob, EvaluateConfig, EvaluateJob, ExtractCod
 from varkd.data import SPLITS, load_digits, read_split, save_splits
 from varkd.distill import check_codes, heldout_nll
 from varkd.images import to_model_input
-from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance
+from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance, reading
 from varkd.loop import BatchOrder, train
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
@@ -265,7 +265,7 @@ def training_wall_seconds(checkpoint: str) -> Optional[float]:
     log = Path(checkpoint).parent / "train_log.csv"
     if not log.is_file():
         return None
-    with log.open() as f:
+    with reading(log, "training log"), log.open() as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["elapsed_s"]) if rows and rows[-1].get("elapsed_s") else None
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from varkd import distributed
 from varkd.config import ConfigError, OptimConfig
-from varkd.io import atomic_torch_save, load_checkpoint
+from varkd.io import atomic_path, atomic_torch_save, load_checkpoint, reading
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float | int]]]  # (step) or, splitting batches, (step, part)
 EvalFn = Callable[[], dict[str, float]]
@@ -143,32 +143,32 @@ def digest(text: str) -> str:
 
 
 class CsvLog:
-    """train_log.csv, one row per logged step; on resume, rows after the resumed step are dropped."""
+    """train_log.csv, one row per logged step; on resume, rows after the resumed step are dropped. Rewrites (a
+    resume, a new column) are atomic: a job killed during one leaves the previous log whole."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path, self.fields = path, None
         rows = []
         if resume_step > 0 and path.exists():
-            with path.open() as f:
+            with reading(path, "training log"), path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         if rows:
-            self.fields = list(rows[0])
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            self._rewrite(list(rows[0]), rows)
         elif path.exists():
             path.unlink()
+
+    def _rewrite(self, fields: list[str], rows: list[dict]) -> None:
+        self.fields = fields
+        with atomic_path(self.path, suffix=".csv") as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def write(self, row: dict[str, float]) -> None:
         if self.fields is not None and not set(row) <= set(self.fields):  # e.g. the first evaluation
             with self.path.open() as f:
                 rows = list(csv.DictReader(f))
-            self.fields += [k for k in row if k not in self.fields]
-            with self.path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            self._rewrite(self.fields + [k for k in row if k not in self.fields], rows)
         new = self.fields is None
         if new:
             self.fields = list(row)

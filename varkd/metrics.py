@@ -28,7 +28,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 from varkd.checkpoints import load_classifier
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.images import to_model_input
-from varkd.io import load_npz
+from varkd.io import load_checkpoint, load_npz
 from varkd.npz import npz_headers
 
 
@@ -222,6 +222,8 @@ def local_weights(feature_extractor: str, weights_path) -> Path:
     if not Path(weights_path).is_file():
         raise FileNotFoundError(f'weights of feature extractor "{feature_extractor}": {weights_path} does not exist'
                                 f"{where}")
+    if feature_extractor != EXTRACTOR_NAME:  # read here, weights only, so that a bad file is named before any compute
+        load_checkpoint(weights_path, f'weights of feature extractor "{feature_extractor}"')
     return Path(weights_path)
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
+from varkd.io import atomic_path, load_npz, read_csv
 from varkd.tables import METRICS, REFERENCES, Table, header
 
 # the teacher's and the init's runs as lines across the metric panels (not real images: far off the methods' range,
@@ -74,7 +75,7 @@ def curves(table: Table) -> plt.Figure:
     """Training loss, validation NLL and, for methods that choose their data (GKD, ImitKD, DistiLLM), the share of
     student samples among the sequences trained on so far, against step per method (mean and spread over seeds)
     and backbone. Each method's loss is its own divergence; the validation NLL compares them."""
-    logs = pd.concat([pd.read_csv(table.results / run.run_dir / "train_log.csv").assign(
+    logs = pd.concat([read_csv(table.results / run.run_dir / "train_log.csv", "training log").assign(
         backbone=run.backbone, method=run.method, seed=run.seed) for run in table.compared.itertuples()])
     quantities = [q for q in ("loss", "val_nll", "student_share") if q in logs and logs[q].notna().any()]
     long = logs.melt(id_vars=["backbone", "method", "seed", "step"], value_vars=quantities, var_name="quantity")
@@ -106,8 +107,8 @@ def samples(table: Table, seed: int | None = None, per_class: int = 2, classes: 
     runs = runs[(runs["method"] != "real") & (runs["method"].isin(REFERENCES) | (runs["seed"] == seed))]
     loaded = []
     for run in runs.itertuples():
-        with np.load(table.results / run.run_dir / "samples.npz") as f:
-            loaded.append((f"{run.backbone} / {run.method}", f["arr_0"], f["labels"]))
+        f = load_npz(table.results / run.run_dir / "samples.npz", ["arr_0", "labels"], "samples")
+        loaded.append((f"{run.backbone} / {run.method}", f["arr_0"], f["labels"]))
     classes = sorted(set(loaded[0][2])) if classes is None else classes
     k = min([per_class] + [int((labels == c).sum()) for _, _, labels in loaded for c in classes])
     size, gap = loaded[0][1].shape[1], 4
@@ -191,7 +192,7 @@ def plot(figure: str, results: str | Path, table: str, out: str | Path) -> None:
         raise KeyError(f"unknown figure {figure!r}; figures: {list(FIGURES)}")
     sns.set_theme(style="whitegrid", context="paper")
     fig = FIGURES[figure](Table.load(results, table))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
-        fig.savefig(f"{out}.{ext}", dpi=150, bbox_inches="tight")
+        with atomic_path(f"{out}.{ext}", suffix=f".{ext}") as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from varkd.io import read_csv
+
 METRICS = {"fid": "min", "isc_mean": "max", "precision": "max", "recall": "max", "nll": "min"}  # test split; better is
 VALIDATION = {f"val_{m}": better for m, better in METRICS.items()}  # the same on the val split: every choice uses these
 COSTS = ["train_wall_s", "train_teacher_forwards", "train_rollout_steps"]  # the cost columns the tables show
@@ -182,8 +184,8 @@ class Table:
     @classmethod
     def load(cls, results: str | Path, name: str) -> "Table":
         folder = Path(results) / "tables"
-        return cls(Path(results), name, pd.read_csv(folder / f"{name}.csv"),
-                   pd.read_csv(folder / f"{name}_summary.csv"))
+        return cls(Path(results), name, read_csv(folder / f"{name}.csv", "results table"),
+                   read_csv(folder / f"{name}_summary.csv", "results table summary"))
 
     @property
     def compared(self) -> pd.DataFrame:
@@ -202,9 +204,7 @@ class Table:
         frames = []
         for run in self.diagnosed.itertuples():
             path = self.results / run.run_dir / "diagnostics.csv"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist (the workflow's diagnose rule makes it)")
-            frames.append(pd.read_csv(path))
+            frames.append(read_csv(path, "diagnostics file (the workflow's diagnose rule makes it)"))
         return pd.concat(frames, ignore_index=True)
 
 
