@@ -6,11 +6,13 @@ key's full path, and `__post_init__` checks the values. The study file (`config/
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from varkd.classifier import ClassifierConfig
@@ -516,6 +518,8 @@ class SweepConfig:
     def __post_init__(self):
         if not self.values:
             raise ConfigError(f"sweep {self.name!r} of {self.method!r} lists no values")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
+            raise ConfigError(f"sweep name {self.name!r}: letters, digits and _ only (it is part of run folder names)")
 
     def run_name(self, value: Any) -> str:
         return f"{self.method}-{self.name}{value}"
@@ -577,6 +581,16 @@ class StudyConfig:
     def __post_init__(self):
         if not self.backbones or not self.methods or not self.seeds:
             raise ConfigError("backbones, methods and seeds must each list at least one entry")
+        # each name is one folder or file name under results/ or presets: never a path, never "." or ".."
+        named = {"study": [self.study], "backbones": self.backbones, "methods": self.methods,
+                 "baselines": self.baselines, "ablations": self.ablations}
+        bad = [f"{key}: {name!r}" for key, names in named.items() for name in names
+               if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name))]
+        if bad:
+            raise ConfigError(f"names must start with a letter or digit and hold only letters, digits, _, . and - "
+                              f"(they become folder names under results/): {', '.join(bad)}")
+        if min(self.seeds) < 0:
+            raise ConfigError(f"seeds must be >= 0, got {self.seeds}")
         for key in ("backbones", "methods", "baselines", "ablations", "seeds"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
@@ -590,7 +604,11 @@ class StudyConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Job configs: what one CLI command reads (written by the workflow's resolve_config rule)
+# Job configs: what one CLI command reads (written by the workflow's resolve_config rule). Each says which files it
+# reads (`inputs`, those the workflow makes or the study names) and which it writes (`outputs`, its rule's outputs):
+# Study follows them from a target back to every file it depends on.
+
+SPLITS = ("train", "val", "test")  # val: every choice (tuning, early stopping); test: the reported metrics
 
 
 @dataclass
@@ -601,6 +619,9 @@ class PrepareDataJob:
     def inputs(self) -> list[str]:
         return []
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class TokenizerJob:
@@ -610,6 +631,9 @@ class TokenizerJob:
 
     def inputs(self) -> list[str]:
         return [self.images]
+
+    def outputs(self) -> list[str]:
+        return [f"{self.out_dir}/tokenizer.pt"]
 
 
 def code_set_files(folder: str) -> list[str]:
@@ -630,6 +654,9 @@ class ExtractCodesJob:
     def inputs(self) -> list[str]:
         return [self.tokenizer, self.images]
 
+    def outputs(self) -> list[str]:
+        return [f for split in SPLITS for f in code_set_files(f"{self.out_dir}/{split}")]
+
 
 @dataclass
 class IndexImagesJob:
@@ -648,6 +675,9 @@ class IndexImagesJob:
 
     def inputs(self) -> list[str]:
         return [self.root]
+
+    def outputs(self) -> list[str]:
+        return [self.out]
 
 
 @dataclass
@@ -672,6 +702,9 @@ class CodeShardJob:
     def inputs(self) -> list[str]:
         return [self.tokenizer, self.index]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class GatherCodesJob:
@@ -682,6 +715,9 @@ class GatherCodesJob:
 
     def inputs(self) -> list[str]:
         return list(self.shards)
+
+    def outputs(self) -> list[str]:
+        return code_set_files(self.out_dir)
 
 
 @dataclass
@@ -696,6 +732,9 @@ class ImportGPTJob:
     def inputs(self) -> list[str]:
         return [self.path]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class ImportTokenizerJob:
@@ -708,6 +747,9 @@ class ImportTokenizerJob:
     def inputs(self) -> list[str]:
         return [self.path]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class ClassifierJob:
@@ -718,6 +760,9 @@ class ClassifierJob:
 
     def inputs(self) -> list[str]:
         return [self.images]
+
+    def outputs(self) -> list[str]:
+        return [f"{self.out_dir}/classifier.pt"]
 
 
 @dataclass
@@ -752,6 +797,9 @@ class TrainJob:
         files = (self.teacher, self.teacher_logits, self.init, self.clusters)
         return (code_set_files(self.codes_train) + code_set_files(self.codes_val) + [p for p in files if p] + pool)
 
+    def outputs(self) -> list[str]:
+        return [f"{self.out_dir}/{self.checkpoint_name}"]
+
 
 @dataclass
 class ClusterJob:
@@ -765,6 +813,9 @@ class ClusterJob:
     def inputs(self) -> list[str]:
         return [self.tokenizer]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class TeacherLogitsJob:
@@ -775,6 +826,9 @@ class TeacherLogitsJob:
 
     def inputs(self) -> list[str]:
         return [self.teacher, *code_set_files(self.codes_train)]
+
+    def outputs(self) -> list[str]:
+        return [self.out]
 
 
 @dataclass
@@ -800,6 +854,11 @@ class PoolJob:
     def inputs(self) -> list[str]:
         return [self.model, *code_set_files(self.codes_train)]
 
+    def outputs(self) -> list[str]:
+        if self.num_shards > 1:
+            return [f"{self.out_dir}/shards/shard{self.shard}.npz"]
+        return code_set_files(self.out_dir) + [f"{self.out_dir}/logits.npy"] * self.logits
+
 
 @dataclass
 class SampleJob:
@@ -816,6 +875,12 @@ class SampleJob:
     def inputs(self) -> list[str]:
         return [self.checkpoint, self.tokenizer]
 
+    def outputs(self) -> list[str]:
+        if self.sample.num_shards > 1:
+            return [f"{self.out_dir}/samples/shard{self.shard}.npz"]
+        return ([f"{self.out_dir}/samples.npz", f"{self.out_dir}/grid.png"]
+                + [f"{self.out_dir}/samples_val.npz"] * bool(self.sample.val_num_samples))
+
 
 @dataclass
 class GatherSamplesJob:
@@ -828,6 +893,9 @@ class GatherSamplesJob:
 
     def inputs(self) -> list[str]:
         return list(self.shards)
+
+    def outputs(self) -> list[str]:
+        return [f"{self.out_dir}/samples.npz", f"{self.out_dir}/grid.png"]
 
 
 @dataclass
@@ -857,6 +925,9 @@ class EvaluateJob:
         codes = [f for c in (self.codes_val, self.codes_test) if c for f in code_set_files(c)]
         return list(dict.fromkeys([p for p in files if p] + codes))
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class NoiseFloorJob:
@@ -882,6 +953,9 @@ class NoiseFloorJob:
                  self.evaluate.reference_batch)
         return [p for p in files if p]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 @dataclass
 class DiagnoseJob:
@@ -903,6 +977,9 @@ class DiagnoseJob:
     def inputs(self) -> list[str]:
         return [self.teacher, self.student, *code_set_files(self.codes_val)]
 
+    def outputs(self) -> list[str]:
+        return [self.out]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
@@ -915,13 +992,36 @@ def _describe(source: str, err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{source}: {msg}{where}")
 
 
+def load_yaml(path: str | Path) -> DictConfig:
+    """A study, preset or job file: plain YAML, with a syntax error's line and column in the message.
+
+    Never a template: a study file starting `__use_yte__: true` is YTE, Python that Snakemake would run when it
+    reads the file (for --configfile, before this workflow's code starts), so it is refused here.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (relative paths are from {Path.cwd()})")
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = ": ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ConfigError(f"{where}: not valid YAML: {problem or err}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    if "__use_yte__" in data:
+        raise ConfigError(f"{path}: __use_yte__ makes it a YTE template, Python code that Snakemake runs while "
+                          "reading it; varkd study files are plain YAML: remove the key and the template "
+                          "expressions")
+    return data
+
+
 def structured(schema: type[T], data: Any, source: str) -> T:
     """Merge `data` (dict, DictConfig or YAML path) onto the dataclass `schema` and return a checked instance."""
     try:
         if isinstance(data, (str, Path)):
-            if not Path(data).is_file():
-                raise ConfigError(f"{source}: config file {data} does not exist")
-            data = OmegaConf.load(data)
+            data = load_yaml(data)
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:

@@ -11,10 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from varkd.config import DataConfig
-
-
-SPLITS = ("train", "val", "test")  # val: every choice (tuning, early stopping); test: the reported metrics
+from varkd.config import SPLITS, DataConfig
 
 
 @dataclass

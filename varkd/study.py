@@ -19,7 +19,8 @@ from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJo
                           EvaluateJob, ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob,
                           ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, PoolJob, PrepareDataJob,
                           ResourceConfig, RolloutConfig, SampleConfig, SampleJob, StudyConfig, SweepConfig,
-                          TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, structured, to_yaml)
+                          TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, load_yaml, structured,
+                          to_yaml)
 from varkd.models.gpt import gpt_config
 
 RESULTS = "results"
@@ -61,7 +62,7 @@ def load_method(folder: Path, name: str, overrides: dict[str, dict[str, Any]] | 
     """
     overrides = overrides or {}
     path = preset_path(folder, name, "method")
-    data = OmegaConf.load(path)
+    data = load_yaml(path)
     if "base" not in data:
         method = structured(MethodConfig, data, str(path))
     else:
@@ -117,6 +118,9 @@ class Study:
         """Validate a study (dict, DictConfig or YAML path) and its presets; errors name the file and key."""
         cfg = structured(StudyConfig, data, source)
         presets = Path(cfg.presets)
+        if not presets.is_dir():
+            raise ConfigError(f"{source}: presets={cfg.presets!r}: no folder {presets.absolute()} (a relative path is "
+                              "taken from the working directory: run from the repository root)")
         backbones = {}
         for b in cfg.backbones:
             path = preset_path(presets / "backbones", b, "backbone")
@@ -392,9 +396,30 @@ class Study:
             raise KeyError(f"{path} is not a job config of study {self.name!r}")
         return to_yaml(self.jobs[path])
 
-    def stale_job_configs(self) -> list[str]:
-        """Job configs on disk whose text differs from what the study resolves to now."""
-        return [p for p in self.jobs if Path(p).is_file() and Path(p).read_text() != self.job_text(p)]
+    def run_files(self, methods: list[str]) -> list[str]:
+        """Everything the tables of these methods rest on: their runs' metrics and diagnostics, the noise floors,
+        and every file those depend on (needed_files)."""
+        return self.needed_files(self.metrics_files(methods) + self.diagnostics_files(methods) + self.noise_files())
+
+    def needed_files(self, files: list[str]) -> list[str]:
+        """`files` and every file they depend on: the jobs that make them, their configs, everything they write and
+        read, back to the study's external files (not listed).
+
+        Targets list them all because Snakemake remakes a missing file only when something asks for it: a rerun
+        stopped after deleting a model (`-R`, Ctrl-C) would otherwise leave the old model's samples, metrics and
+        tables looking complete. Listed, the missing model is remade and everything after it reruns.
+        """
+        maker = {out: config for config, job in self.jobs.items() for out in job.outputs()}
+        needed, todo = dict.fromkeys(files), list(files)
+        while todo:
+            config = maker.get(todo.pop())
+            if config is None or config in needed:
+                continue
+            for path in [config, *self.jobs[config].outputs(), *self.job_inputs(config)]:
+                if path not in needed:
+                    needed[path] = None
+                    todo.append(path)
+        return list(needed)
 
     # ---- jobs -----------------------------------------------------------------------------------------------
     def _add_data_jobs(self) -> None:

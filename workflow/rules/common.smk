@@ -1,22 +1,20 @@
 import json
-import os
 import re
-import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
-from varkd.data import SPLITS
+from varkd.config import SPLITS, ConfigError, load_yaml
 from varkd.study import Study
 
 
-validate(config, "../schemas/config.schema.yaml")
-STUDY = Study.load(config, source="study config")
-for path in STUDY.stale_job_configs():
-    # Snakemake reruns resolve_config when its params change, but only where it recorded them: a run stopped
-    # between a config's write and that record would keep the stale text. Removing it makes it missing.
-    print(f"job config changed, will be rewritten: {path}", file=sys.stderr)
-    os.remove(path)
+# The study, checked before any job; a mistake is one message naming the file and key. Nothing here writes:
+# parsing the workflow (a dry run too) leaves the results folder as it is.
+try:
+    for path in workflow.configfiles:
+        load_yaml(path)  # refuses YTE templates (which Snakemake has already evaluated when it read the file)
+    STUDY = Study.load(config, source=" + ".join(map(str, workflow.configfiles)) or "study config")
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 
 wildcard_constraints:
