@@ -16,6 +16,15 @@ from varkd.models.gpt import GPTConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`make test`: one worker per core, --dist loadgroup), a module's tests run in one worker, so
+    its module fixtures (a trained classifier, the local SLURM) are made once, and the tests on the miniature study
+    share one worker and one run of it."""
+    for item in items:
+        group = "miniature_study" if "miniature_study" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Two cores shared with other jobs: one thread per test process is much faster than oversubscribing."""
@@ -23,6 +32,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def miniature_study(tmp_path_factory) -> Path:
+    """A workdir holding the miniature study (tests/test_workflow.py) after `snakemake all`, shared by the workflow
+    and fault tests: each leaves it complete (a test that breaks it reruns it) and its `all` files as they were."""
+    from tests.test_workflow import make_miniature, snakemake
+
+    root = tmp_path_factory.mktemp("miniature")
+    make_miniature(Path(shutil.copytree(REPO / "config", root / "config")))
+    snakemake(root, "all")
+    return root
 
 
 @pytest.fixture

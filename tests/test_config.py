@@ -85,15 +85,27 @@ def test_to_yaml_is_stable(study_dict):
     assert all(to_yaml(a.jobs[k]) == to_yaml(b.jobs[k]) for k in a.jobs)
 
 
-def test_stale_job_configs_are_found_by_content(study_dict, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_targets_list_every_file_their_tables_rest_on(study_dict):
+    """A target names each run's whole chain (model, samples, configs, teacher, codes, data), so Snakemake remakes
+    any of them that is missing, and nothing a table does not rest on (another method's pool or clusters)."""
     study = Study.load(study_dict)
-    path = "results/embedded/tiny/fkl/seed0/config.yaml"
-    (tmp_path / path).parent.mkdir(parents=True)
-    (tmp_path / path).write_text(study.job_text(path))
-    assert study.stale_job_configs() == []
-    (tmp_path / path).write_text(study.job_text(path).replace("method: fkl", "method: rkl"))
-    assert study.stale_job_configs() == [path]
+    files = set(study.run_files(["fkl"]))
+    run, teacher = "results/embedded/tiny/fkl/seed0", "results/embedded/tiny/teacher"
+    assert {f"{run}/{name}" for name in ("config.yaml", "student.pt", "sample.yaml", "samples.npz",
+                                          "samples_val.npz", "grid.png", "evaluate.yaml", "metrics.json",
+                                          "diagnose.yaml", "diagnostics.csv")} <= files
+    assert {f"{teacher}/teacher.pt", f"{teacher}/config.yaml", f"{teacher}/logits_train.npy",
+            "results/embedded/tiny/student_init/student.pt", "results/embedded/tiny/student_init/noise.json",
+            "results/embedded/data/tokenizer/tokenizer.pt", "results/embedded/data/codes/train/codes.npy",
+            "results/embedded/data/classifier/classifier.pt", "results/embedded/data/images.npz"} <= files
+    assert not [f for f in files if "/pool_" in f or "/clusters/" in f or "/varkd/" in f or "/ce/" in f]
+    # every listed file is a job's config, or made by exactly one job
+    made = [out for job in study.jobs.values() for out in job.outputs()]
+    assert len(made) == len(set(made))
+    assert files <= set(made) | set(study.jobs)
+    with_clusters = set(study.run_files(["varkd"]))
+    assert "results/embedded/data/clusters/k16.npy" in with_clusters and "results/embedded/data/clusters/k16.yaml" \
+        in with_clusters
 
 
 def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(study_dict, presets):
@@ -321,7 +333,6 @@ def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
     default_path, tune_path = REPO / "config" / "config.yaml", REPO / "config" / "tune-distillm.yaml"
     assert cli(["check-config", str(default_path), str(tune_path)]) == 0
     assert "study 'tune-distillm': 12 runs" in capsys.readouterr().out  # (1 preset + 5 swept values) x 2 seeds
-    tune = yaml.safe_load(tune_path.read_text())
     study = Study.load(OmegaConf.merge(OmegaConf.load(default_path), OmegaConf.load(tune_path)))  # as Snakemake
     assert (study.name, study.cfg.backbones, study.cfg.methods, study.cfg.baselines, study.cfg.ablations) == (
         "tune-distillm", ["tiny"], ["distillm"], ["distillm"], [])
@@ -345,7 +356,7 @@ def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
         assert init.kd.terms[0].divergence == "ce" and init.model == study.backbones[backbone].student
         run = study.jobs[f"results/embedded/{backbone}/fkl/seed0/config.yaml"]
         assert run.init == f"results/embedded/{backbone}/student_init/student.pt" and run.init in run.inputs()
-    assert f"results/embedded/tiny/student_init/metrics.json" in study.metrics_files(["ce"])  # a reference row
+    assert "results/embedded/tiny/student_init/metrics.json" in study.metrics_files(["ce"])  # a reference row
     from_init = [m for m in study_dict["baselines"] if m != "distillm2"]  # its student pool is drawn from the init
     scratch = Study.load({**study_dict, "student_pretrain": None, "baselines": from_init})
     assert scratch.jobs["results/embedded/tiny/fkl/seed0/config.yaml"].init is None
