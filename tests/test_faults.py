@@ -402,3 +402,14 @@ def test_study_file_mistakes_are_one_message(tmp_path, presets, monkeypatch):
 def test_negative_process_and_thread_counts_are_refused(option, tmp_path):
     result = varkd("train", str(tmp_path / "x.yaml"), option, "-1")
     assert result.returncode == 2 and f"argument {option}: -1 is less than" in result.stderr
+
+
+def test_a_file_system_without_locks_runs_jobs_unguarded(tmp_path, monkeypatch, capsys):
+    """Lustre mounted without flock refuses locks: jobs still run, with a warning, instead of all failing."""
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(io.fcntl, "flock", refuse)
+    with io.job_lock(tmp_path / "config.yaml"):
+        pass
+    assert "the file system refuses locks (No locks available)" in capsys.readouterr().err

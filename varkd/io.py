@@ -63,6 +63,11 @@ def job_lock(config: str | Path) -> Iterator[None]:
         except BlockingIOError:
             raise Busy(f"another process is running the job {config} (it holds {lock}); wait for it to end, "
                        "or end it") from None
+        except OSError as err:  # a file system without locks (e.g. Lustre mounted without flock): run unguarded
+            if err.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            print(f"warning: {lock}: the file system refuses locks ({err.strerror}); nothing stops a second "
+                  "process on this job", file=sys.stderr)
         yield
 
 
