@@ -15,6 +15,5 @@ $(BIN)/.installed: pyproject.toml workflow/executor/pyproject.toml
 study: $(BIN)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" snakemake --cores $(CORES) all
 
-# One pytest worker per core, each module's tests in one worker (tests/conftest.py).
 test: $(BIN)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" pytest -n $(CORES) --dist loadgroup
+	PATH="$(abspath $(BIN)):$$PATH" pytest

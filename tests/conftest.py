@@ -16,15 +16,6 @@ from varkd.models.gpt import GPTConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist (`make test`: one worker per core, --dist loadgroup), a module's tests run in one worker, so
-    its module fixtures (a trained classifier, the local SLURM) are made once, and the tests on the miniature study
-    share one worker and one run of it."""
-    for item in items:
-        group = "miniature_study" if "miniature_study" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Two cores shared with other jobs: one thread per test process is much faster than oversubscribing."""

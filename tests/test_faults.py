@@ -181,10 +181,13 @@ def test_an_interrupted_forced_rerun_is_finished_by_the_next_run(miniature_study
     workdir, run = miniature_study, "results/embedded/tiny/ce/seed0"
     process = snakemake(workdir, "all", "--forcerun", f"{run}/student.pt", background=True)
     deadline = time.monotonic() + 300
-    while not any(cmd == "train" and cfg == f"{run}/config.yaml" for _, cmd, cfg in varkd_processes(workdir)):
+    while not (train := [pid for pid, cmd, cfg in varkd_processes(workdir)
+                         if cmd == "train" and cfg == f"{run}/config.yaml"]):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+    # Ctrl-C: the terminal signals Snakemake and the job (which Snakemake runs in a session of its own)
+    os.killpg(process.pid, signal.SIGINT)
+    os.kill(train[0], signal.SIGINT)
     process.communicate(timeout=300)
     assert not (workdir / run / "student.pt").exists() and (workdir / run / "metrics.json").exists()
     todo = dry_run(workdir)
