@@ -329,7 +329,7 @@ MALICIOUS = b"cos\nsystem\n(S'touch {marker}'\ntR."  # a pickle that runs a shel
 
 
 def test_no_weights_file_runs_code(tmp_path):
-    """The Inception weights reach torch.load(weights_only=False) inside torch-fidelity: importing varkd makes every
+    """torch-fidelity loads the Inception weights without weights-only: importing varkd makes every
     torch.load weights-only, and varkd reads the file itself first, naming it."""
     import torch_fidelity
 
