@@ -185,10 +185,15 @@ def test_an_interrupted_forced_rerun_is_finished_by_the_next_run(miniature_study
                          if cmd == "train" and cfg == f"{run}/config.yaml"]):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.02)
-    # Ctrl-C: the terminal signals Snakemake and the job (which Snakemake runs in a session of its own)
+    # Frozen at once, the six-step training cannot finish before the Ctrl-C, however loaded the machine. Ctrl-C: the
+    # terminal signals Snakemake and the job (which Snakemake runs in a session of its own); the job gets it when it
+    # resumes.
+    os.kill(train[0], signal.SIGSTOP)
     os.killpg(process.pid, signal.SIGINT)
     os.kill(train[0], signal.SIGINT)
-    process.communicate(timeout=300)
+    os.kill(train[0], signal.SIGCONT)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode != 0, output[-3000:]
     assert not (workdir / run / "student.pt").exists() and (workdir / run / "metrics.json").exists()
     todo = dry_run(workdir)
     for rule in ("train_student", "sample", "evaluate", "diagnose", "aggregate", "plot"):

@@ -85,6 +85,25 @@ def test_sigterm_checkpoints_the_finished_step_and_a_rerun_resumes_exactly(codes
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_a_run_killed_before_writing_its_weights_resumes_to_the_same_file(codes, tmp_path, monkeypatch):
+    """Killed after the last step's checkpoint, before the final weights are written: the rerun resumes at the end
+    and writes the same weights and training summary (its last-step losses come from the checkpoint)."""
+    straight = torch.load(distill.train_gpt(job(codes, tmp_path / "a")), weights_only=True)
+    real_save = distill.save_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        distill.train_gpt(job(codes, tmp_path / "b"))
+    monkeypatch.setattr(distill, "save_model", real_save)
+    resumed = torch.load(distill.train_gpt(job(codes, tmp_path / "b")), weights_only=True)
+    assert resumed["train"] == straight["train"] and "final_ground_truth_ce" in resumed["train"]
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+
+
 def test_checkpoint_of_another_config_is_not_resumed(codes, tmp_path, capsys):
     distill.train_gpt(job(codes, tmp_path / "run", steps=4))
     (tmp_path / "run" / "student.pt").unlink()

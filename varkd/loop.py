@@ -209,7 +209,7 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, run_id = out_dir / "checkpoint.pt", digest(config_text)
     optimizer = make_optimizer(model, cfg)
-    step, elapsed = 0, 0.0
+    step, elapsed, logs = 0, 0.0, {}  # logs: the last step's, for the summary (a run resumed at its end has no step)
     if ckpt_path.exists():
         saved = load_checkpoint(ckpt_path, "training checkpoint")
         if saved.get("run_id") == run_id:
@@ -221,7 +221,7 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
             torch.set_rng_state(saved["ranks"][rank]["rng"])
             if state is not None:
                 state.load_state_dict(saved["ranks"][rank]["extra"])
-            step, elapsed = saved["step"], saved["elapsed"]
+            step, elapsed, logs = saved["step"], saved["elapsed"], saved.get("logs", {})  # older checkpoints have none
             print(f"[{desc}] resuming from {ckpt_path} at step {step}")
         else:
             print(f"[{desc}] ignoring {ckpt_path}: it was written under a different config")
@@ -232,10 +232,11 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
                                     "extra": state.state_dict() if state is not None else {}})
         if rank == 0:
             atomic_torch_save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "ranks": ranks, "step": step, "elapsed": elapsed, "run_id": run_id})
+                                          "ranks": ranks, "step": step, "elapsed": elapsed, "logs": logs,
+                                          "run_id": run_id})
 
     module.train()
-    start, logs = time.perf_counter() - elapsed, {}
+    start = time.perf_counter() - elapsed
     with stop_requests() as stop, tqdm(total=cfg.steps, initial=step, desc=desc, mininterval=2.0,
                                         dynamic_ncols=True, disable=rank > 0) as bar:
         while step < cfg.steps:
