@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pandas as pd
@@ -66,12 +67,13 @@ def jobs_to_run(workdir: Path) -> dict[str, int]:
     return {rule: int(n) for rule, n in counts.items() if rule not in ("all", "total")}
 
 
-def execute_notebook(path: Path, **parameters) -> None:
-    """Run a notebook (nbclient) with a cell after its parameters cell that sets `parameters`, as papermill does."""
+def execute_notebook(path: Path, cwd: Path, **parameters) -> None:
+    """Run a notebook (nbclient) in `cwd` with a cell after its parameters cell that sets `parameters`, as papermill
+    does."""
     notebook = nbformat.read(path, as_version=4)
     at = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
     notebook.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in parameters.items())))
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
 
 
 def test_dry_run_of_the_embedded_study(presets):
@@ -89,6 +91,67 @@ def test_dry_run_of_the_embedded_study(presets):
         assert f"results/embedded/tiny_shallow/{method}/seed0/metrics.json" in out, method
     assert "results/embedded/tiny/varkd-k64/seed0/metrics.json" in out
     assert "results/embedded/tables/ablations.csv" in out and "rule cluster_codebook:" in out
+
+
+def effective_settings(*argv: str):
+    """Snakemake's settings for `snakemake <argv>` typed in the repository root, its profiles applied."""
+    from snakemake.cli import parse_args
+    return parse_args([*argv, "all"])[1]
+
+
+def test_profiles_layer_as_their_files_say(monkeypatch):
+    """Snakemake applies the workflow profile (workflow/profiles/default) on every run, overriding a --profile key by
+    key: it had `keep-going: false` and `cores: 2`, so a SLURM study stopped at its first failed job with two
+    cores' worth of jobs queued. Each profile's keys hold in effect, and the workflow profile shares none with a
+    --profile."""
+    monkeypatch.chdir(REPO)
+    profiles = {name: yaml.safe_load((REPO / "workflow" / "profiles" / name / "config.yaml").read_text())
+                for name in ("default", "slurm")}
+    assert not set(profiles["default"]) & set(profiles["slurm"])
+    local, slurm = effective_settings("--cores", "2"), effective_settings("--profile", "slurm")
+    for settings, keys in ((local, profiles["default"]), (slurm, profiles["default"] | profiles["slurm"])):
+        for key, value in keys.items():
+            assert getattr(settings, key.replace("-", "_")) == value, key
+    assert (local.cores, local.keep_going, local.executor) == (2, False, None)
+    assert (slurm.cores, slurm.jobs, slurm.keep_going, slurm.executor) == (None, 100, True, "submitit")
+
+
+def test_lint_reports_only_the_findings_the_workflow_readme_justifies():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    findings, where = set(), None
+    for line in (result.stdout + result.stderr).splitlines():
+        if line.startswith("Lints for "):
+            where = line.split()[3] if line.startswith("Lints for rule ") else line
+        elif line.startswith("    * "):
+            findings.add((where, line[6:].rstrip(".:")))
+    conda = "Specify a conda environment or container for each rule"
+    rules = {where for where, title in findings if title == conda}
+    assert findings == {(rule, conda) for rule in rules} | {("resolve_config", "No log directive defined")}
+    assert len(rules) > 20
+    justified = (REPO / "workflow" / "README.md").read_text()
+    assert all(f"**{title}**" in justified for _, title in findings)
+
+
+@pytest.mark.parametrize("scale", ["embedded", "paper"])
+def test_report_captions_describe_the_studys_scale(scale):
+    """At paper scale the real side is ADM's reference batch, scored in Inception's feature space: no `real` row and
+    no study classifier (the captions said both)."""
+    from docutils.core import publish_parts
+    from jinja2 import Environment
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    if scale == "paper":
+        config = merge(config, yaml.safe_load((REPO / "config" / "imagenet.yaml").read_text()))
+    text = ""
+    for caption in sorted((REPO / "workflow" / "report").glob("*.rst")):
+        snakemake = SimpleNamespace(config=config, wildcards=SimpleNamespace(table="main", figure="metrics"))
+        rst = Environment().from_string(caption.read_text()).render(snakemake=snakemake)
+        assert "System Message" not in publish_parts(rst, writer="html")["body"], caption
+        text += rst
+    paper = scale == "paper"
+    assert ("``real``" in text, "real images" in text, "classifier" in text) == (not paper,) * 3
+    assert ("reference batch" in text) == paper
 
 
 def test_bad_config_fails_before_any_job(presets):
@@ -201,5 +264,7 @@ def test_miniature_study_end_to_end(miniature_study):
     snakemake(workdir, "--report", str(root / "report.html"), "all_ablations")
     report = (root / "report.html").read_text()
     assert "ablations_sweeps.png" in report and "main_summary.csv" in report
+    clone = workdir / "notebooks"  # as in another clone, whose results the notebooks find from their own folder
+    clone.mkdir()
     for notebook in ("results", "samples"):
-        execute_notebook(REPO / "notebooks" / f"{notebook}.ipynb", results_dir=str(root))
+        execute_notebook(REPO / "notebooks" / f"{notebook}.ipynb", clone, results_dir="results/embedded")
