@@ -153,7 +153,7 @@ def test_cli_runs_the_extraction_commands(image_tree, tmp_path, capsys):
     assert "missing does not exist" in capsys.readouterr().err
     config.write_text(yaml.safe_dump({"root": str(image_tree), "out": str(tmp_path / "index.npz")}))
     assert cli.main(["index-images", str(config), "--device", "cpu"]) == 0
-    assert cli.COMMANDS["extract-code-shard"][0] is CodeShardJob and cli.COMMANDS["gather-codes"][0] is GatherCodesJob
+    assert cli.command("extract-code-shard")[0] is CodeShardJob and cli.command("gather-codes")[0] is GatherCodesJob
 
 
 def test_embedded_extraction_writes_one_view_code_sets(tokenizer, tmp_path):

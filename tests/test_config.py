@@ -1,9 +1,13 @@
 """Config errors fail at once and name the key; job configs round-trip through YAML."""
+import dataclasses
+import subprocess
+import sys
+
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from varkd.cli import main as cli
+from varkd import cli
 from varkd.config import (ConfigError, MethodConfig, TermConfig, TrainJob, WeightingConfig, load_job, structured,
                           to_yaml)
 from varkd.study import Study
@@ -74,10 +78,21 @@ def test_mismatched_backbone_pair_is_rejected(study_dict, presets):
 def test_cli_reports_bad_job_file_cleanly(tmp_path, capsys):
     bad = tmp_path / "config.yaml"
     bad.write_text("study: x\nmodell: {}\n")
-    assert cli(["train", str(bad)]) == 2
+    assert cli.main(["train", str(bad)]) == 2
     assert "modell" in capsys.readouterr().err
-    assert cli(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_help_imports_no_torch_and_every_command_resolves():
+    """`varkd --help` took ~6 s importing torch; the commands' modules load only when one runs."""
+    code = ("import sys\nfrom varkd import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "check-config" in result.stdout, result.stderr
+    for name in cli.COMMANDS:
+        schema, run = cli.command(name)
+        assert dataclasses.is_dataclass(schema) and callable(run), name
 
 
 def test_to_yaml_is_stable(study_dict):
@@ -320,7 +335,7 @@ def test_hard_label_terms_take_no_weighting():
 def test_full_embedded_study_overrides_only_the_budget(capsys):
     """config/embedded-full.yaml: the default methods on one backbone with 3 seeds and a larger budget."""
     default_path, full_path = REPO / "config" / "config.yaml", REPO / "config" / "embedded-full.yaml"
-    assert cli(["check-config", str(default_path), str(full_path)]) == 0
+    assert cli.main(["check-config", str(default_path), str(full_path)]) == 0
     assert "study 'embedded-full': 45 runs" in capsys.readouterr().out  # 9 baselines + 6 VarKD presets, x 3 seeds
     default, full = yaml.safe_load(default_path.read_text()), yaml.safe_load(full_path.read_text())
     assert set(full) == {"study", "backbones", "sweeps", "seeds", "student_optim"} and len(full["seeds"]) == 3
@@ -331,7 +346,7 @@ def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
     """config/tune-distillm.yaml: DistiLLM alone on one backbone, init_threshold and loss_eps each swept around the
     preset's values, 2 seeds; every run logs val_nll often enough to plot beside tau_a."""
     default_path, tune_path = REPO / "config" / "config.yaml", REPO / "config" / "tune-distillm.yaml"
-    assert cli(["check-config", str(default_path), str(tune_path)]) == 0
+    assert cli.main(["check-config", str(default_path), str(tune_path)]) == 0
     assert "study 'tune-distillm': 12 runs" in capsys.readouterr().out  # (1 preset + 5 swept values) x 2 seeds
     study = Study.load(OmegaConf.merge(OmegaConf.load(default_path), OmegaConf.load(tune_path)))  # as Snakemake
     assert (study.name, study.cfg.backbones, study.cfg.methods, study.cfg.baselines, study.cfg.ablations) == (

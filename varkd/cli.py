@@ -7,40 +7,44 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import signal
 import sys
 from typing import Callable
 
-import torch
-
-from varkd import config as C
-from varkd import checkpoints, clusters, diagnostics, distill, distributed, imagefolder, jobs
-from varkd.io import Busy, job_lock, remove_partials
-from varkd.loop import Interrupted, rank_parts
-
-
-COMMANDS: dict[str, tuple[type, Callable]] = {
-    "prepare-data": (C.PrepareDataJob, jobs.prepare_data),
-    "train-tokenizer": (C.TokenizerJob, jobs.train_tokenizer),
-    "extract-codes": (C.ExtractCodesJob, jobs.extract_codes),
-    "index-images": (C.IndexImagesJob, imagefolder.index_images),
-    "extract-code-shard": (C.CodeShardJob, imagefolder.extract_code_shard),
-    "gather-codes": (C.GatherCodesJob, imagefolder.gather_codes),
-    "train-classifier": (C.ClassifierJob, jobs.train_classifier),
-    "cluster-codebook": (C.ClusterJob, clusters.cluster_codebook),
-    "train": (C.TrainJob, distill.train_gpt),
-    "cache-teacher-logits": (C.TeacherLogitsJob, distill.cache_teacher_logits),
-    "sample-pool": (C.PoolJob, distill.sample_pool),
-    "import-gpt": (C.ImportGPTJob, checkpoints.import_gpt),
-    "import-tokenizer": (C.ImportTokenizerJob, checkpoints.import_tokenizer),
-    "sample": (C.SampleJob, jobs.sample),
-    "gather-samples": (C.GatherSamplesJob, jobs.gather_samples),
-    "evaluate": (C.EvaluateJob, jobs.evaluate),
-    "noise-floor": (C.NoiseFloorJob, jobs.noise_floor),
-    "diagnose": (C.DiagnoseJob, diagnostics.diagnose),
+# command -> (its job config class in varkd.config, the function running the job). Named, not imported: the
+# modules import torch (seconds), which `varkd --help` and a mistyped command line do not need.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("PrepareDataJob", "varkd.jobs:prepare_data"),
+    "train-tokenizer": ("TokenizerJob", "varkd.jobs:train_tokenizer"),
+    "extract-codes": ("ExtractCodesJob", "varkd.jobs:extract_codes"),
+    "index-images": ("IndexImagesJob", "varkd.imagefolder:index_images"),
+    "extract-code-shard": ("CodeShardJob", "varkd.imagefolder:extract_code_shard"),
+    "gather-codes": ("GatherCodesJob", "varkd.imagefolder:gather_codes"),
+    "train-classifier": ("ClassifierJob", "varkd.jobs:train_classifier"),
+    "cluster-codebook": ("ClusterJob", "varkd.clusters:cluster_codebook"),
+    "train": ("TrainJob", "varkd.distill:train_gpt"),
+    "cache-teacher-logits": ("TeacherLogitsJob", "varkd.distill:cache_teacher_logits"),
+    "sample-pool": ("PoolJob", "varkd.distill:sample_pool"),
+    "import-gpt": ("ImportGPTJob", "varkd.checkpoints:import_gpt"),
+    "import-tokenizer": ("ImportTokenizerJob", "varkd.checkpoints:import_tokenizer"),
+    "sample": ("SampleJob", "varkd.jobs:sample"),
+    "gather-samples": ("GatherSamplesJob", "varkd.jobs:gather_samples"),
+    "evaluate": ("EvaluateJob", "varkd.jobs:evaluate"),
+    "noise-floor": ("NoiseFloorJob", "varkd.jobs:noise_floor"),
+    "diagnose": ("DiagnoseJob", "varkd.diagnostics:diagnose"),
 }
+
+
+def command(name: str) -> tuple[type, Callable]:
+    """The job config class and the function of a `varkd <name>` command, imported now."""
+    schema, target = COMMANDS[name]
+    module, function = target.split(":")
+    from varkd import config
+
+    return getattr(config, schema), getattr(importlib.import_module(module), function)
 
 
 def count(minimum: int) -> Callable[[str], int]:
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMANDS:
         p = sub.add_parser(name, help=f"run a {name} job")
         p.add_argument("job", help="job config (YAML) written by the workflow")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--threads", type=count(0), default=int(os.environ.get("VARKD_THREADS", "0")),
                        help="torch CPU threads (0: torch's default)")
         if name == "train":
@@ -94,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
+    import torch  # after parsing: --help and usage errors answer at once
+
+    from varkd import distributed
+    from varkd.config import ConfigError, load_job, load_yaml
+    from varkd.io import Busy, job_lock, remove_partials
+    from varkd.loop import Interrupted, rank_parts
+
     try:
         if args.command == "aggregate":
             from varkd.aggregate import aggregate
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from omegaconf import OmegaConf
 
-            merged = OmegaConf.merge(*(C.load_yaml(path) for path in args.study))
+            merged = OmegaConf.merge(*(load_yaml(path) for path in args.study))
             study = Study.load(merged, " + ".join(args.study))
             print(f"study {study.name!r}: {len(study.runs())} runs, {len(study.jobs)} jobs")
             missing = study.missing_files()
@@ -125,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.threads:
                 torch.set_num_threads(args.threads)
-            schema, run = COMMANDS[args.command]
-            job = C.load_job(schema, args.job)
+            schema, run = command(args.command)
+            job = load_job(schema, args.job)
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             ranks = distributed.environment() if args.command == "train" else None
             # One process runs a job at a time: the job's lock is held by it, by the launcher of its local ranks
             # or, for ranks srun started, by rank 0; that process first removes its killed writes' leftovers.
@@ -137,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command == "train" and ranks is None and args.nproc > 1:
                     rank_parts(job.optim, args.nproc, 0)  # a batch that does not split fails here, not in each rank
                     return distributed.launch(args.nproc, argv)  # each rank runs this command, finding its rank
-                with distributed.process_group(ranks, torch.device(args.device)) as device:
+                with distributed.process_group(ranks, device) as device:
                     run(job, device)
-    except (C.ConfigError, OSError, ValueError, KeyError, FloatingPointError, Busy) as err:
+    except (ConfigError, OSError, ValueError, KeyError, FloatingPointError, Busy) as err:
         print(f"varkd {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:
