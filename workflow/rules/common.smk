@@ -17,24 +17,9 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 
-wildcard_constraints:
-    study=re.escape(STUDY.name),
-    backbone=r"[^/]+",
-    method=r"[^/]+",
-    seed=r"\d+",
-    rundir=r"[^/]+/(teacher|student_init|[^/]+/seed\d+)",
-    table=r"main|baselines|ablations",
-    figure=r"[a-z]+",
-    pool=r"pool_[0-9a-f]+",
-    poolmodel=r"teacher|student_init",
-    split=r"train|val|test",
-    shard=r"\d+",
-    k=r"\d+",
-
-
 def job(config_path):
     """Input function: the job's config (formatted with the wildcards) as `config`, and every file it reads that
-    a rule makes (the study's external files are checked once, before any job: onstart below)."""
+    another job makes (the study's external files are checked once, before any job, by onstart in the Snakefile)."""
 
     def inputs(wildcards):
         path = config_path.format(**wildcards)
@@ -46,15 +31,6 @@ def job(config_path):
 def one_of(names):
     """A wildcard constraint matching exactly these names (none: nothing)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"
-
-
-onstart:
-    # Paper scale reads checkpoints, ImageNet, Inception weights and the reference batch from local paths; a
-    # dry run (-n) builds the whole DAG without them, a real run stops here, listing every missing one at once.
-    missing = STUDY.missing_files()
-    if missing:
-        raise WorkflowError(f"study {STUDY.name!r}: {len(missing)} local file(s) missing, nothing was run "
-                            "(nothing is downloaded; set the paths in the study file):\n  " + "\n  ".join(missing))
 
 
 def cluster_resources(rule):

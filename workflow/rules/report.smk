@@ -21,9 +21,11 @@ rule aggregate:
         "results/{study}/tables/{table}.tex",
     params:
         sweeps=lambda wc: json.dumps(STUDY.sweep_points(STUDY.table_methods(wc.table))),
+    log:
+        "results/logs/{study}/tables/{table}.log",
     shell:
         "varkd aggregate {input.metrics} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
-        " --sweeps {params.sweeps:q} --noise {input.noise}"
+        " --sweeps {params.sweeps:q} --noise {input.noise} > {log} 2>&1"
 
 
 rule claims:
@@ -34,9 +36,11 @@ rule claims:
     output:
         "results/{study}/tables/claims.csv",
         report("results/{study}/tables/claims.md", caption="../report/claims.rst", category="Tables"),
+    log:
+        "results/logs/{study}/tables/claims.log",
     shell:
         "varkd claims --summaries {input.summaries} --diagnostics {input.diagnostics}"
-        " --out-dir results/{wildcards.study}/tables"
+        " --out-dir results/{wildcards.study}/tables > {log} 2>&1"
 
 
 rule plot:
@@ -54,6 +58,8 @@ rule plot:
             labels={"table": "{table}", "figure": "{figure}"},
         ),
         "results/{study}/plots/{table}_{figure}.pdf",
+    log:
+        "results/logs/{study}/plots/{table}_{figure}.log",
     shell:
         "varkd plot {wildcards.figure} --results results/{wildcards.study} --table {wildcards.table}"
-        " --out results/{wildcards.study}/plots/{wildcards.table}_{wildcards.figure}"
+        " --out results/{wildcards.study}/plots/{wildcards.table}_{wildcards.figure} > {log} 2>&1"
