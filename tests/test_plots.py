@@ -1,6 +1,8 @@
 """Tables and figures of a hand-made results folder, through `varkd aggregate` and `varkd plot`, and the notebooks
 as stored (the end-to-end test in test_workflow.py executes them)."""
 import json
+import os
+import tracemalloc
 from pathlib import Path
 
 import nbformat
@@ -60,6 +62,40 @@ def test_aggregate_writes_every_table_file_and_plots_draw_every_figure(results):
         assert cli.main(["plot", figure, "--results", str(results), "--table", "ablations", "--out", str(out)]) == 0
         assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".pdf").stat().st_size > 0
     assert cli.main(["plot", "nonsense", "--results", str(results), "--table", "ablations", "--out", "x"]) == 2
+
+
+def test_samples_figure_reads_only_the_images_it_shows(results, monkeypatch):
+    """A paper-scale samples.npz is 9.8 GB (50,000 images of 256px, 1,000 classes); the figure tiled every class of
+    every image and died with a MemoryError. Here each of the 9 runs holds 2,000 images of 64px of 1,000 classes
+    (25 MB): the figure shows MAX_CLASSES classes, allocating less than half of one file (it loaded all 9)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(1000), 2)
+    images = rng.integers(0, 256, (2000, 64, 64, 3), dtype=np.uint8)
+    paths = sorted(results.rglob("samples.npz"))
+    np.savez(paths[0], arr_0=images, labels=labels)
+    for path in paths[1:]:
+        path.unlink()
+        os.link(paths[0], path)
+    assert cli.main(["aggregate", *map(str, results.rglob("metrics.json")), "--out-dir", str(results / "tables"),
+                     "--name", "main"]) == 0
+    table = tables.Table.load(results, "main")
+    tracemalloc.start()
+    figure = plots.samples(table)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < images.nbytes / 2, peak
+    labels_shown = [t.get_text() for t in figure.axes[0].get_xticklabels()]
+    assert len(labels_shown) == plots.MAX_CLASSES and labels_shown[0] == "0" and labels_shown[-1] == "999"
+
+
+def test_a_relative_results_folder_is_found_from_the_working_directory_up(tmp_path):
+    study = tmp_path / "clone" / "results" / "mini"
+    (study / "tables").mkdir(parents=True)
+    (tmp_path / "clone" / "notebooks").mkdir()
+    assert tables.find_results("results/mini", tmp_path / "clone" / "notebooks") == study
+    assert tables.find_results(study, tmp_path) == study
+    with pytest.raises(FileNotFoundError, match=f"no results folder results/other .* under {tmp_path}"):
+        tables.find_results("results/other", tmp_path)
 
 
 def test_curves_show_the_student_data_share_of_methods_that_choose_their_data(results):

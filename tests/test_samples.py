@@ -12,7 +12,7 @@ from varkd.config import GatherSamplesJob, SampleConfig, SampleJob, to_yaml
 from varkd.images import to_uint8
 from varkd.jobs import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_seed
 from varkd.models.vq import VQModel
-from varkd.npz import npz_headers, npz_writer
+from varkd.npz import npz_headers, npz_rows, npz_writer
 from varkd.sampling import generate
 
 from tests.test_sampling import tiny_model
@@ -170,3 +170,16 @@ def test_npz_writer_checks_the_streamed_size_and_leaves_nothing_behind(tmp_path)
         npz.write("b", np.float64(2.5))
     assert npz_headers(path, ["a", "b"]) == {"a": ((4, 2), np.dtype(np.int32)), "b": ((), np.dtype(np.float64))}
     assert load(path)["b"] == 2.5 and load(path)["a"].sum() == 8
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_rows_are_the_loaded_arrays_rows(save, tmp_path):
+    path, rows = tmp_path / "x.npz", [7, 0, 3, 3, 11]
+    array = np.random.default_rng(0).integers(0, 256, (12, 5, 4, 3), dtype=np.uint8)
+    save(path, arr_0=array, labels=np.arange(12))
+    assert np.array_equal(npz_rows(path, "arr_0", rows), array[rows])
+    assert npz_rows(path, "arr_0", []).shape == (0, 5, 4, 3)
+    with pytest.raises(IndexError, match=r"x\.npz\[arr_0\]: rows \[12\] outside its 12"):
+        npz_rows(path, "arr_0", [12])
+    with pytest.raises(KeyError, match="lacks arrays"):
+        npz_rows(path, "images", [0])

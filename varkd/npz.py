@@ -1,9 +1,9 @@
-"""npz files too large to hold in memory: np.savez's layout written one member at a time, and member headers read
-without loading the data.
+"""npz files too large to hold in memory: np.savez's layout written one member at a time, and member headers and
+chosen rows read without loading the rest.
 
-An npz is an uncompressed zip of `.npy` members. 50,000 samples at 256px are 9.8 GB, so gathering sample shards
-streams each shard into the `arr_0` member instead of concatenating them first; the file loads with `np.load`
-exactly like `np.savez` output (same member names, npy header, zip64 entries).
+An npz is a zip of `.npy` members (uncompressed as np.savez writes it). 50,000 samples at 256px are 9.8 GB, so
+gathering sample shards streams each shard into the `arr_0` member instead of concatenating them first; the file
+loads with `np.load` exactly like `np.savez` output (same member names, npy header, zip64 entries).
 """
 from __future__ import annotations
 
@@ -62,8 +62,18 @@ def npz_writer(path: str | Path) -> Iterator[NpzWriter]:
             yield NpzWriter(zf, Path(path))
 
 
-def npz_headers(path: str | Path, keys: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of each member in `keys`, read from the npy headers alone; errors name the file and key."""
+def _read_header(f, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the npy header at the start of member `key`, open as `f`."""
+    version = np.lib.format.read_magic(f)
+    if version not in _HEADER_READERS:
+        raise ValueError(f"{path}[{key}]: npy format version {version} is not supported")
+    shape, fortran_order, dtype = _HEADER_READERS[version](f)
+    return tuple(shape), fortran_order, np.dtype(dtype)
+
+
+@contextmanager
+def _members(path: str | Path, keys: list[str]) -> Iterator[zipfile.ZipFile]:
+    """The npz at `path`, open, checked to hold `keys`; errors name the file and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -73,14 +83,36 @@ def npz_headers(path: str | Path, keys: list[str]) -> dict[str, tuple[tuple[int,
             missing = [k for k in keys if k not in names]
             if missing:
                 raise KeyError(f"{path} lacks arrays {missing} (has {names})")
-            out = {}
-            for key in keys:
-                with zf.open(f"{key}.npy") as f:
-                    version = np.lib.format.read_magic(f)
-                    if version not in _HEADER_READERS:
-                        raise ValueError(f"{path}[{key}]: npy format version {version} is not supported")
-                    shape, _, dtype = _HEADER_READERS[version](f)
-                    out[key] = (tuple(shape), np.dtype(dtype))
-            return out
+            yield zf
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{path} is corrupt or not an npz file: {err}") from None
+
+
+def npz_headers(path: str | Path, keys: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each member in `keys`, read from the npy headers alone; errors name the file and key."""
+    with _members(path, keys) as zf:
+        out = {}
+        for key in keys:
+            with zf.open(f"{key}.npy") as f:
+                shape, _, dtype = _read_header(f, Path(path), key)
+                out[key] = (shape, dtype)
+        return out
+
+
+def npz_rows(path: str | Path, key: str, rows: Iterable[int]) -> np.ndarray:
+    """Rows `rows` (indices along axis 0) of member `key`, read one by one: a figure showing a few of 50,000 samples
+    reads those (a seek each in an uncompressed npz), not the 9.8 GB array."""
+    path, rows = Path(path), [int(i) for i in rows]
+    with _members(path, [key]) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran_order, dtype = _read_header(f, path, key)
+        if fortran_order or not shape:
+            raise ValueError(f"{path}[{key}]: rows of a {'Fortran-order' if shape else '0-d'} array cannot be read")
+        bad = [i for i in rows if not 0 <= i < shape[0]]
+        if bad:
+            raise IndexError(f"{path}[{key}]: rows {bad[:5]} outside its {shape[0]}")
+        size, start = math.prod(shape[1:]) * dtype.itemsize, f.tell()
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        for j, i in enumerate(rows):
+            f.seek(start + i * size)
+            out[j] = np.frombuffer(f.read(size), dtype).reshape(shape[1:])
+        return out
