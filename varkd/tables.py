@@ -171,6 +171,19 @@ def differences_markdown(summary: pd.DataFrame, against: str) -> str:
     return wide.rename(columns=header).reset_index().rename(columns=header).to_markdown(index=False)
 
 
+def find_results(results_dir: str | Path, start: str | Path = ".") -> Path:
+    """A study's results folder (holding tables/): `results_dir` if absolute, else under `start` or the nearest of
+    its parents holding it, so that a notebook finds its own clone's results (Jupyter starts it in notebooks/)."""
+    path, start = Path(results_dir), Path(start).resolve()
+    candidates = [path] if path.is_absolute() else [folder / path for folder in (start, *start.parents)]
+    found = next((folder for folder in candidates if (folder / "tables").is_dir()), None)
+    if found is None:
+        where = "" if path.is_absolute() else f" under {start} or a parent"
+        raise FileNotFoundError(f"no results folder {results_dir} with a tables/ folder{where}: run the study "
+                                "(snakemake -c2 all) or give the folder's path")
+    return found
+
+
 @dataclass
 class Table:
     """A results table as `varkd aggregate` wrote it: its runs (<table>.csv) and summary (<table>_summary.csv),
