@@ -10,7 +10,7 @@ of `generate` with the same cfg_scale, temperature, top_k and top_p.
 
 One iteration, for every row r with acc_r accepted tokens and drafts (with their draft distributions q) after them:
 1. one batched forward with the KV cache over the positions [min_r acc_r, end), end = min(T, max_r acc_r + window),
-   gives the target p_j of every position, after CFG and then temperature / top-k / top-p (kd-methods §7);
+   gives the target p_j of every position, after CFG and then temperature / top-k / top-p (docs/distillation.md §7);
 2. verify j = acc_r, acc_r + 1, ... in order: keep draft x_j with probability min(1, p_j(x_j) / q_j(x_j)); at the
    first rejection draw x_j from norm(max(p_j - q_j, 0)) and stop. The first position's context is accepted, so
    every unfinished row gains >= 1 token;
