@@ -224,6 +224,8 @@ KillWait=5
 Waittime=0
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# a second partition on the same node: where a rule's slurm_partition resource sends its jobs in the tests
+PartitionName=cpu Nodes=$NODE Default=NO MaxTime=INFINITE State=UP
 EOF
   write_if_changed "$DBD_CONF" slurm:slurm 600 <<EOF && changed=1 || true
 # Written by .ci/local-slurm.sh. Edits are overwritten on start.

@@ -47,6 +47,26 @@ def test_rule_resources_become_submitit_parameters():
     submitit.AutoExecutor(folder="/tmp/unused", cluster="local").update_parameters(**{**params, **typed, **extra})
 
 
+def test_a_rules_slurm_resources_win_over_the_profile_and_unknown_ones_are_named():
+    """Per-rule partition, account, QOS, constraint and sbatch options, named as snakemake-executor-plugin-slurm
+    names them (the study's resources.<rule> or --set-resources <rule>:<name>=<value>); they were ignored."""
+    settings = ExecutorSettings(partition="gpu", account="proj", qos="normal", additional_parameters="exclusive=true")
+    params = job_parameters(fake_job(slurm_partition="cpu", slurm_account="other", qos="long", constraint="a100",
+                                     cpus_per_task=16, slurm_extra="--mail-type=END --requeue", tmpdir="/tmp",
+                                     _cores=4, _nodes=1, mem_mib=3815, disk_mb=1000), settings)
+    assert (params["slurm_partition"], params["slurm_account"], params["slurm_qos"]) == ("cpu", "other", "long")
+    assert params["slurm_constraint"] == "a100" and params["cpus_per_task"] == 16
+    assert params["slurm_additional_parameters"] == {"exclusive": True, "mail_type": "END", "requeue": True}
+    assert job_parameters(fake_job(), settings)["slurm_partition"] == "gpu"  # the profile's, for other rules
+    for key in params:
+        if key.startswith("slurm_"):
+            assert key.removeprefix("slurm_") in submitit.SlurmExecutor._valid_parameters(), key
+    with pytest.raises(WorkflowError, match=r"rule train_student: unknown resource\(s\) \['slurm_partiton'\]"):
+        job_parameters(fake_job(slurm_partiton="cpu"), settings)
+    with pytest.raises(WorkflowError, match="slurm_extra: expected sbatch options --name"):
+        job_parameters(fake_job(slurm_extra="exclusive"), settings)
+
+
 def test_bad_additional_parameters_are_named():
     with pytest.raises(WorkflowError, match="exclusive"):
         parse_key_values("constraint=a100,exclusive")

@@ -65,9 +65,10 @@ def our_jobs(workdir: Path) -> list[dict]:
     ids = sorted({p.name.split("_")[0] for p in (workdir / "results" / "logs" / "slurm").rglob("*_submitted.pkl")})
     if not ids:
         return []
-    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID,JobName,State",
-                          *[f"--jobs={i}" for i in ids]], capture_output=True, text=True, check=True).stdout
-    return [dict(zip(("id", "name", "state"), line.split("|"))) for line in out.splitlines()]
+    out = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2",
+                          "--format=JobID,JobName,State,Partition", *[f"--jobs={i}" for i in ids]],
+                         capture_output=True, text=True, check=True).stdout
+    return [dict(zip(("id", "name", "state", "partition"), line.split("|"))) for line in out.splitlines()]
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -81,8 +82,13 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_study_on_slurm_with_a_requeued_training_job(slurm, presets, tmp_path):
+    """The miniature study through sbatch, its teacher requeued mid-training; the evaluate jobs on another partition
+    (the study's resources.evaluate.slurm_partition), the sample jobs too (--set-resources, as a user types it)."""
     workdir = miniature(presets)
-    run = slurm_snakemake(workdir, "all")
+    study = presets / "config.yaml"
+    study.write_text(yaml.safe_dump({**yaml.safe_load(study.read_text()),
+                                     "resources": {"evaluate": {"slurm_partition": "cpu"}}}))
+    run = slurm_snakemake(workdir, "all", "--set-resources", "sample:slurm_partition=cpu")
     teacher = workdir / "results" / "embedded" / "tiny" / "teacher"
     wait_for(lambda: (teacher / "checkpoint.pt").exists() or run.poll() is not None, 600, "the teacher's checkpoint")
     (job,) = [j for j in our_jobs(workdir) if j["name"] == "smk-train_teacher"]
@@ -101,6 +107,9 @@ def test_study_on_slurm_with_a_requeued_training_job(slurm, presets, tmp_path):
     # every job but the local ones went through sbatch and completed
     jobs = our_jobs(workdir)
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    moved = {"smk-evaluate", "smk-sample"}
+    assert {j["partition"] for j in jobs if j["name"] in moved} == {"cpu"}, jobs
+    assert {j["partition"] for j in jobs if j["name"] not in moved} == {"debug"}, jobs
     submitted = sorted(j["name"].removeprefix("smk-") for j in jobs)
     remote = sorted(line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("rule "))
     on_login_node = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("localrule ")}

@@ -384,22 +384,34 @@ CLASSIFIER_EXTRACTOR = "varkd-classifier"  # torch-fidelity name of the embedded
 
 @dataclass
 class EvaluateConfig:
-    """How samples are scored (torch-fidelity) against held-out real images."""
+    """How samples are scored (varkd.metrics) against held-out real images or ADM's reference batch."""
+
+    PROTOCOLS = ("torch-fidelity", "adm")  # not a field: the values `protocol` takes
 
     feature_extractor: str = CLASSIFIER_EXTRACTOR  # embedded: the workflow's classifier; paper scale: inception-v3-compat
     weights: Optional[str] = None  # local weights of the extractor (None: the study's trained classifier)
-    # Paper scale: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: mu, sigma, arr_0). FID uses its stored
-    # statistics, precision / recall its images. None: the study's held-out split is the real side.
+    # Paper scale: ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: arr_0, mu / sigma, mu_s / sigma_s). FID
+    # (sFID) uses its stored statistics, or without them its images', precision / recall its images. None: the
+    # study's held-out split is the real side.
     reference_batch: Optional[str] = None
     prc_neighborhood: int = 3
     isc_splits: int = 10
     kid: bool = False
+    # torch-fidelity: its own arithmetic (IS over isc_splits shuffled splits; with a reference batch, consecutive
+    # splits of ~5,000). adm: OpenAI's ADM evaluator (guided-diffusion evaluations/evaluator.py), whose numbers
+    # LlamaGen and VAR report: FID by scipy's sqrtm, sFID (inception-v3-compat only), IS over consecutive chunks of
+    # 5,000 (isc_splits unused), precision / recall on its float16 distances. No KID.
+    protocol: str = "torch-fidelity"
     # The noise floor: each backbone's student init sampled with this many sampling seeds (same model, same
     # settings), each set scored like a run; the spread is what sampling alone moves a metric by. 0: not measured.
     noise_seeds: int = 5
 
     def __post_init__(self):
         _check_positive(self, "prc_neighborhood", "isc_splits")
+        _check_choice("evaluate.protocol", self.protocol, self.PROTOCOLS)
+        if self.protocol == "adm" and self.kid:
+            raise ConfigError("evaluate.kid is torch-fidelity's (ADM's evaluator has no KID): with evaluate.protocol=adm "
+                              "set kid: false")
         if self.noise_seeds < 0 or self.noise_seeds == 1:
             raise ConfigError(f"evaluate.noise_seeds={self.noise_seeds}: 0 (no noise floor) or >= 2 (a spread)")
         if self.reference_batch and self.kid:
@@ -533,6 +545,14 @@ class ResourceConfig:
     cpus: int = 1  # the rule's threads and SLURM --cpus-per-task
     mem_mb: int = 4000
     runtime: int = 60  # minutes: the SLURM time limit; a training job past it is requeued and resumes
+    # Where the rule's jobs go, if not where the profile sends every job (submitit-partition, ...): the names of
+    # snakemake-executor-plugin-slurm, which `--set-resources <rule>:<name>=<value>` also sets.
+    slurm_partition: Optional[str] = None  # e.g. a CPU partition for the gather and index jobs
+    slurm_account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None  # sbatch --constraint, e.g. a100
+    gpu_model: Optional[str] = None  # --gres=gpu:<model>:<gpu>
+    slurm_extra: Optional[str] = None  # other sbatch options, e.g. "--exclusive --mail-type=END"
 
     def __post_init__(self):
         _check_positive(self, "cpus", "mem_mb", "runtime")

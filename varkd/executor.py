@@ -11,6 +11,7 @@ partition, account, QOS and GPU type also come from `SNAKEMAKE_SUBMITIT_<SETTING
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -167,11 +168,36 @@ def parse_key_values(text: Optional[str]) -> dict:
     return out
 
 
+# The resources a rule may ask SLURM for (the study's `resources.<rule>`, or `--set-resources rule:name=value`),
+# named as snakemake-executor-plugin-slurm names them, and Snakemake's own. Any other name is an error: a
+# misspelt `slurm_partiton` would otherwise send the job to the default partition without a word.
+SLURM_RESOURCES = {"slurm_partition", "slurm_account", "slurm_extra", "qos", "constraint", "runtime", "mem_mb",
+                   "cpus_per_task", "gpu", "gpu_model"}
+SNAKEMAKE_RESOURCES = {"_cores", "_nodes", "_job_count", "threads", "tmpdir", "mem", "mem_mib", "disk", "disk_mb",
+                       "disk_mib"}
+
+
+def parse_sbatch_options(text: str) -> dict:
+    """slurm_extra '--exclusive --mail-type=END' -> {'exclusive': True, 'mail_type': 'END'} (submitit's form)."""
+    out = {}
+    for option in shlex.split(text):
+        key, sep, value = option.partition("=")
+        if not key.startswith("--") or len(key) < 3:
+            raise WorkflowError(f"slurm_extra: expected sbatch options --name[=value], got {option!r}")
+        out[key[2:].replace("-", "_")] = value if sep else True
+    return out
+
+
 def job_parameters(job: JobExecutorInterface, settings: ExecutorSettings) -> dict:
-    """A job's Snakemake resources as submitit parameters (generic ones, then slurm_* ones)."""
+    """A job's Snakemake resources as submitit parameters (generic ones, then slurm_* ones); a rule's resource wins
+    over the profile's setting of the same option."""
     res = job.resources
+    unknown = sorted(set(res.keys()) - SLURM_RESOURCES - SNAKEMAKE_RESOURCES)
+    if unknown:
+        raise WorkflowError(f"rule {job.name}: unknown resource(s) {unknown}; the submitit executor takes "
+                            f"{sorted(SLURM_RESOURCES)} (as snakemake-executor-plugin-slurm)")
     gpus = int(res.get("gpu", 0) or 0)
-    params = {"timeout_min": int(res.get("runtime", 60)), "cpus_per_task": job.threads,
+    params = {"timeout_min": int(res.get("runtime", 60)), "cpus_per_task": int(res.get("cpus_per_task", job.threads)),
               "mem_gb": int(res.get("mem_mb", 4000)) / 1024, "tasks_per_node": 1, "nodes": 1,
               "name": f"smk-{job.name}"}
     gpu_type = res.get("gpu_model") or settings.gpu_type
@@ -179,11 +205,14 @@ def job_parameters(job: JobExecutorInterface, settings: ExecutorSettings) -> dic
         params["slurm_gres"] = f"gpu:{gpu_type}:{gpus}"
     elif gpus:
         params["gpus_per_node"] = gpus
-    for key in ("partition", "account", "qos"):
-        if getattr(settings, key):
-            params[f"slurm_{key}"] = getattr(settings, key)
+    for key, resource in (("partition", "slurm_partition"), ("account", "slurm_account"), ("qos", "qos")):
+        value = res.get(resource) or getattr(settings, key)
+        if value:
+            params[f"slurm_{key}"] = value
+    if res.get("constraint"):
+        params["slurm_constraint"] = res["constraint"]
     params["slurm_signal_delay_s"] = settings.signal_delay_s
-    extra = parse_key_values(settings.additional_parameters)
+    extra = {**parse_key_values(settings.additional_parameters), **parse_sbatch_options(res.get("slurm_extra", ""))}
     if extra:
         params["slurm_additional_parameters"] = extra
     return params

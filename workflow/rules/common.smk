@@ -34,6 +34,9 @@ def one_of(names):
 
 
 def cluster_resources(rule):
-    """The rule's Snakemake resources from the study's `resources` section (its cpus are the rule's threads)."""
+    """The rule's Snakemake resources from the study's `resources` section (its cpus are the rule's threads; the
+    SLURM options it leaves unset are the profile's)."""
     r = STUDY.resources(rule)
-    return {"gpu": r.gpu, "mem_mb": r.mem_mb, "runtime": r.runtime}
+    where = {name: getattr(r, name) for name in ("slurm_partition", "slurm_account", "qos", "constraint", "gpu_model",
+                                                 "slurm_extra")}
+    return {"gpu": r.gpu, "mem_mb": r.mem_mb, "runtime": r.runtime, **{k: v for k, v in where.items() if v}}
