@@ -14,9 +14,9 @@ from varkd.io import atomic_path, atomic_write_text, load_json
 # the cost of a training run, from its checkpoint's summary; metrics.json stores each as train_<key>
 TRAIN_COSTS = ("wall_s", "steps", "student_forwards", "teacher_forwards", "rollouts", "rollout_tokens",
                "rollout_steps", "replayed")
-COLUMNS = ["backbone", "method", "seed", "fid", "isc_mean", "precision", "recall", "nll", "isc_std", "num_samples",
-           "num_real", "val_fid", "val_isc_mean", "val_precision", "val_recall", "val_nll", "val_num_samples",
-           "feature_extractor", *(f"train_{key}" for key in TRAIN_COSTS), "run_dir"]
+COLUMNS = ["backbone", "method", "seed", "fid", "sfid", "isc_mean", "precision", "recall", "nll", "isc_std",
+           "num_samples", "num_real", "val_fid", "val_sfid", "val_isc_mean", "val_precision", "val_recall", "val_nll",
+           "val_num_samples", "feature_extractor", "protocol", *(f"train_{key}" for key in TRAIN_COSTS), "run_dir"]
 IDENTITY = ("backbone", "method", "seed")
 REFERENCE_METHODS = ("ce", "fkl")  # the differences sections: to the student alone, and to standard KD
 

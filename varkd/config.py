@@ -410,8 +410,8 @@ class EvaluateConfig:
         _check_positive(self, "prc_neighborhood", "isc_splits")
         _check_choice("evaluate.protocol", self.protocol, self.PROTOCOLS)
         if self.protocol == "adm" and self.kid:
-            raise ConfigError("evaluate.kid is torch-fidelity's (ADM's evaluator has no KID): with evaluate.protocol=adm "
-                              "set kid: false")
+            raise ConfigError("evaluate.kid is torch-fidelity's (ADM's evaluator has no KID): with "
+                              "evaluate.protocol=adm set kid: false")
         if self.noise_seeds < 0 or self.noise_seeds == 1:
             raise ConfigError(f"evaluate.noise_seeds={self.noise_seeds}: 0 (no noise floor) or >= 2 (a spread)")
         if self.reference_batch and self.kid:

@@ -242,11 +242,11 @@ class RealSide:
         if self.batch is not None:
             return reference_batch_metrics(generated, self.batch, feature_extractor=cfg.feature_extractor,
                                            weights_path=self.weights, device=device.type,
-                                           prc_neighborhood=cfg.prc_neighborhood)
+                                           prc_neighborhood=cfg.prc_neighborhood, protocol=cfg.protocol)
         real = read_split(self.images, split).images
         return compute_metrics(generated, real, feature_extractor=cfg.feature_extractor, weights_path=self.weights,
                                device=device.type, kid=cfg.kid, prc_neighborhood=cfg.prc_neighborhood,
-                               isc_splits=cfg.isc_splits, seed=seed)
+                               isc_splits=cfg.isc_splits, seed=seed, protocol=cfg.protocol)
 
 
 def _read_samples(path: str, key: str, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -311,7 +311,7 @@ def noise_floor(job: NoiseFloorJob, device: torch.device) -> None:
     for k in range(job.evaluate.noise_seeds):
         images = draw_images(model, vq, labels, job.sample, sample_seed(job.seed, job.sample, NOISE_STREAM, k), device)
         sets.append(real.score(images, "test", device, job.seed))
-    metrics = [k for k in ("fid", "isc_mean", "precision", "recall") if k in sets[0]]
+    metrics = [k for k in ("fid", "sfid", "isc_mean", "precision", "recall") if k in sets[0]]
     values = {k: np.array([s[k] for s in sets], dtype=np.float64) for k in metrics}
     atomic_write_json(job.out, {**job.identity, "num_samples": job.sample.num_samples, "noise_seeds": len(sets),
                                 "mean": {k: float(v.mean()) for k, v in values.items()},

@@ -15,15 +15,16 @@ import pandas as pd
 
 from varkd.io import read_csv
 
-METRICS = {"fid": "min", "isc_mean": "max", "precision": "max", "recall": "max", "nll": "min"}  # test split; better is
+# test split; better is. sfid: ADM's sFID, only in metrics.json files of evaluate.protocol=adm with Inception
+METRICS = {"fid": "min", "sfid": "min", "isc_mean": "max", "precision": "max", "recall": "max", "nll": "min"}
 VALIDATION = {f"val_{m}": better for m, better in METRICS.items()}  # the same on the val split: every choice uses these
 COSTS = ["train_wall_s", "train_teacher_forwards", "train_rollout_steps"]  # the cost columns the tables show
 REFERENCES = ("real", "teacher", "student_init")  # rows for reference: shown, never compared or marked best
-DECIMALS = {"fid": 2, "isc_mean": 2, "precision": 3, "recall": 3, "nll": 3}
+DECIMALS = {"fid": 2, "sfid": 2, "isc_mean": 2, "precision": 3, "recall": 3, "nll": 3}
 DECIMALS.update({f"val_{m}": d for m, d in DECIMALS.items()})
-LABELS = {"backbone": "Backbone", "method": "Method", "fid": "FID", "isc_mean": "IS", "precision": "Precision",
-          "recall": "Recall", "nll": "NLL", "train_wall_s": "Train s", "train_teacher_forwards": "Teacher fwd",
-          "train_rollout_steps": "Rollout steps"}
+LABELS = {"backbone": "Backbone", "method": "Method", "fid": "FID", "sfid": "sFID", "isc_mean": "IS",
+          "precision": "Precision", "recall": "Recall", "nll": "NLL", "train_wall_s": "Train s",
+          "train_teacher_forwards": "Teacher fwd", "train_rollout_steps": "Rollout steps"}
 LABELS.update({f"val_{m}": f"val {LABELS[m]}" for m in METRICS})
 SIGNIFICANCE = 2.0  # a difference counts when it exceeds this many standard errors (~95% for a normal difference)
 
