@@ -217,7 +217,7 @@ def gather_samples(job: GatherSamplesJob, device: torch.device) -> None:
     print(f"{out / 'samples.npz'}: {len(labels)} samples from {len(job.shards)} shards")
 
 
-VAL_IMAGE_METRICS = ("fid", "isc_mean", "precision", "recall", "num_samples")  # stored as val_<key>
+VAL_IMAGE_METRICS = ("fid", "sfid", "isc_mean", "precision", "recall", "num_samples")  # stored as val_<key>
 
 
 class RealSide:
