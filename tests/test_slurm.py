@@ -140,3 +140,40 @@ def test_ctrl_c_cancels_the_submitted_jobs(slurm, presets):
     wait_for(lambda: [j for j in our_jobs(workdir) if j["id"] == job["id"] and j["state"].startswith("CANCELLED")],
              300, f"job {job['id']} to be cancelled; snakemake printed:\n{out[-3000:]}")
     assert "cancelled 1 submitit job" in out, out[-3000:]
+
+
+ARRAY_WORKFLOW = """
+rule all:
+    input: expand("out/{i}.txt", i=range(3))
+
+rule shard:
+    output: "out/{i}.txt"
+    resources: runtime=10
+    shell: "echo start >> starts_{wildcards.i}.log; sleep 15; echo done > {output}"
+"""
+
+
+def test_jobs_of_one_rule_go_as_one_array_and_an_element_requeues_alone(slurm, tmp_path):
+    """Three ready shards of one rule: one sbatch (tasks A_0..A_2), each task a job of its own to Snakemake; SLURM's
+    warning signal to one task requeues that task only, and the workflow completes."""
+    (tmp_path / "Snakefile").write_text(ARRAY_WORKFLOW)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"), "--directory",
+                            str(tmp_path), "--executor", "submitit", "--submitit-cluster", "slurm", "--jobs", "3",
+                            "--seconds-between-status-checks", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    task = wait_for(lambda: [j for j in our_jobs(tmp_path) if j["id"].endswith("_1") and j["state"] == "RUNNING"
+                             and (tmp_path / "starts_1.log").exists()] or run.poll() is not None, 300,
+                    "array task 1 to run")
+    assert run.poll() is None, run.communicate()[0][-3000:]
+    subprocess.run(["scancel", "--signal=USR2", task[0]["id"]], check=True)
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out[-5000:]
+    jobs = our_jobs(tmp_path)
+    assert sorted(j["id"].split("_")[1] for j in jobs) == ["0", "1", "2"], jobs
+    assert len({j["id"].split("_")[0] for j in jobs}) == 1, jobs  # one array
+    assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    starts = [len((tmp_path / f"starts_{i}.log").read_text().splitlines()) for i in range(3)]
+    assert starts == [1, 2, 1]
+    folder = tmp_path / "results" / "logs" / "slurm" / "shard" / "array"
+    assert "Requeued job" in "".join(p.read_text() for p in folder.glob("*_1_0_log.*"))

@@ -1,7 +1,8 @@
 """A Snakemake executor that submits each job through submitit: to SLURM on a cluster, to subprocesses elsewhere.
 
-Snakemake keeps the scheduling, the status polling and the cancellation; submitit writes the sbatch script,
-reads job states with sacct and requeues a job that gets SLURM's warning signal (time limit or preemption).
+Snakemake keeps the scheduling, the status polling and the cancellation; submitit writes the sbatch script (a job
+array for jobs of one rule handed over together), reads job states with sacct and requeues a job that gets SLURM's
+warning signal (time limit or preemption).
 The plugin module `snakemake_executor_plugin_submitit` (workflow/executor/) re-exports this module, so that
 `--executor submitit` finds it. Profile keys and flags are `submitit-<setting>` / `--submitit-<setting>`;
 partition, account, QOS and GPU type also come from `SNAKEMAKE_SUBMITIT_<SETTING>` environment variables.
@@ -246,19 +247,43 @@ class Executor(RemoteExecutor):
     def cores(self):
         return "all"  # a job's own threads, not the submitting host's --cores, bound it on its node
 
+    def run_jobs(self, jobs: list[JobExecutorInterface]):
+        """Jobs of one rule with the same sbatch options that Snakemake hands over together go to SLURM as one job
+        array (submitit's batch): one sbatch call and one queue entry for, say, 300 extraction shards. Each task
+        stays one job to Snakemake, requeued and cancelled on its own."""
+        batches: dict[tuple, list] = {}
+        for job in jobs:
+            self.run_job_pre(job)
+            same = self.cluster == "slurm" and not job.is_group()
+            key = (job.name, json.dumps(job_parameters(job, self.settings), sort_keys=True)) if same else (id(job),)
+            batches.setdefault(key, []).append(job)
+        for batch in batches.values():
+            self.submit(batch)
+
     def run_job(self, job: JobExecutorInterface):
-        folder = run_folder(job, self.settings.log_dir)
+        self.submit([job])
+
+    def submit(self, jobs: list[JobExecutorInterface]) -> None:
+        """One job, its logs in its run's folder, or an array of jobs of one rule, their logs in <rule>/array/."""
+        folder = run_folder(jobs[0], self.settings.log_dir) if len(jobs) == 1 else \
+            Path(self.settings.log_dir).absolute() / jobs[0].name / "array"
         executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster,
                                          slurm_max_num_timeout=self.settings.max_requeues + 1)
-        executor.update_parameters(**job_parameters(job, self.settings))
-        command = JobCommand(self.format_job_exec(job), self.settings.max_requeues, self.settings.stop_grace_s)
+        executor.update_parameters(**job_parameters(jobs[0], self.settings))
+        commands = [JobCommand(self.format_job_exec(job), self.settings.max_requeues, self.settings.stop_grace_s)
+                    for job in jobs]
         try:
-            submitted = executor.submit(command)
+            if len(jobs) == 1:
+                submitted = [executor.submit(commands[0])]
+            else:
+                with executor.batch():
+                    submitted = [executor.submit(command) for command in commands]
         except Exception as err:
-            raise WorkflowError(f"submitit could not submit {job.name} (folder {folder}): {err}") from err
-        self.logger.info(f"{job.name}: submitted as {self.cluster} job {submitted.job_id}, logs in {folder}/")
-        self.report_job_submission(SubmittedJobInfo(job, external_jobid=str(submitted.job_id),
-                                                    aux={"submitit": submitted}))
+            raise WorkflowError(f"submitit could not submit {len(jobs)} {jobs[0].name} job(s) (folder {folder}): "
+                                f"{err}") from err
+        for job, one in zip(jobs, submitted):
+            self.logger.info(f"{job.name}: submitted as {self.cluster} job {one.job_id}, logs in {folder}/")
+            self.report_job_submission(SubmittedJobInfo(job, external_jobid=str(one.job_id), aux={"submitit": one}))
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
         if active_jobs and self.cluster == "slurm":
