@@ -67,6 +67,18 @@ def test_a_rules_slurm_resources_win_over_the_profile_and_unknown_ones_are_named
         job_parameters(fake_job(slurm_extra="exclusive"), settings)
 
 
+def test_ctrl_c_during_a_status_check_cancels_every_unfinished_job():
+    """Snakemake takes the active jobs out of its list while it checks their status (a sacct call, seconds on a
+    busy cluster) and cancels only those in the list on Ctrl-C: the executor cancels every job it submitted that
+    it has not seen end, whatever Snakemake's list holds at that moment (CI once left a training job running)."""
+    cancelled = []
+    job = SimpleNamespace(cancel=lambda check: cancelled.append(check))
+    ex = object.__new__(executor.Executor)
+    ex.unfinished, ex.logger = {"99": job}, SimpleNamespace(info=lambda message: None)
+    ex.cancel_jobs([])  # the status check holds the job
+    assert cancelled == [False]
+
+
 def test_bad_additional_parameters_are_named():
     with pytest.raises(WorkflowError, match="exclusive"):
         parse_key_values("constraint=a100,exclusive")

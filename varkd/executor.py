@@ -241,6 +241,9 @@ class Executor(RemoteExecutor):
                 raise WorkflowError("submitit-cluster=slurm but sbatch is not on PATH")
             check_accounting()
         self.cluster = cluster
+        # Every submitted job not yet seen to end. Snakemake's own list is empty while a status check runs (it takes
+        # the jobs out, checks them, puts the running ones back): a Ctrl-C then cancelled nothing and the jobs ran on.
+        self.unfinished: dict[str, submitit.Job] = {}
         self.logger.info(f"submitit executor: {cluster} jobs, logs under {self.settings.log_dir}/")
 
     @property
@@ -282,6 +285,7 @@ class Executor(RemoteExecutor):
             raise WorkflowError(f"submitit could not submit {len(jobs)} {jobs[0].name} job(s) (folder {folder}): "
                                 f"{err}") from err
         for job, one in zip(jobs, submitted):
+            self.unfinished[str(one.job_id)] = one
             self.logger.info(f"{job.name}: submitted as {self.cluster} job {one.job_id}, logs in {folder}/")
             self.report_job_submission(SubmittedJobInfo(job, external_jobid=str(one.job_id), aux={"submitit": one}))
 
@@ -294,6 +298,7 @@ class Executor(RemoteExecutor):
             if not submitted.done():
                 yield info
                 continue
+            self.unfinished.pop(str(submitted.job_id), None)
             try:
                 submitted.result()
             except Exception as err:
@@ -306,7 +311,8 @@ class Executor(RemoteExecutor):
                 self.report_job_success(info)
 
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]):
-        for info in active_jobs:
-            info.aux["submitit"].cancel(check=False)
-        if active_jobs:
-            self.logger.info(f"cancelled {len(active_jobs)} submitit job(s)")
+        jobs = {**self.unfinished, **{info.external_jobid: info.aux["submitit"] for info in active_jobs}}
+        for job in jobs.values():
+            job.cancel(check=False)
+        if jobs:
+            self.logger.info(f"cancelled {len(jobs)} submitit job(s)")
