@@ -254,25 +254,27 @@ class Executor(RemoteExecutor):
         """Jobs of one rule with the same sbatch options that Snakemake hands over together go to SLURM as one job
         array (submitit's batch): one sbatch call and one queue entry for, say, 300 extraction shards. Each task
         stays one job to Snakemake, requeued and cancelled on its own."""
-        batches: dict[tuple, list] = {}
+        batches: dict[tuple, tuple[dict, list]] = {}
         for job in jobs:
             self.run_job_pre(job)
+            params = job_parameters(job, self.settings)
             same = self.cluster == "slurm" and not job.is_group()
-            key = (job.name, json.dumps(job_parameters(job, self.settings), sort_keys=True)) if same else (id(job),)
-            batches.setdefault(key, []).append(job)
-        for batch in batches.values():
-            self.submit(batch)
+            key = (job.name, json.dumps(params, sort_keys=True)) if same else (id(job),)
+            batches.setdefault(key, (params, []))[1].append(job)
+        for params, batch in batches.values():
+            self.submit(batch, params)
 
     def run_job(self, job: JobExecutorInterface):
-        self.submit([job])
+        self.submit([job], job_parameters(job, self.settings))
 
-    def submit(self, jobs: list[JobExecutorInterface]) -> None:
-        """One job, its logs in its run's folder, or an array of jobs of one rule, their logs in <rule>/array/."""
+    def submit(self, jobs: list[JobExecutorInterface], params: dict) -> None:
+        """One job, its logs in its run's folder, or an array of jobs of one rule with the same submitit `params`,
+        their logs in <rule>/array/."""
         folder = run_folder(jobs[0], self.settings.log_dir) if len(jobs) == 1 else \
             Path(self.settings.log_dir).absolute() / jobs[0].name / "array"
         executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster,
                                          slurm_max_num_timeout=self.settings.max_requeues + 1)
-        executor.update_parameters(**job_parameters(jobs[0], self.settings))
+        executor.update_parameters(**params)
         commands = [JobCommand(self.format_job_exec(job), self.settings.max_requeues, self.settings.stop_grace_s)
                     for job in jobs]
         try:
