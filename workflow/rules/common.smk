@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -37,6 +38,5 @@ def cluster_resources(rule):
     """The rule's Snakemake resources from the study's `resources` section (its cpus are the rule's threads; the
     SLURM options it leaves unset are the profile's)."""
     r = STUDY.resources(rule)
-    where = {name: getattr(r, name) for name in ("slurm_partition", "slurm_account", "qos", "constraint", "gpu_model",
-                                                 "slurm_extra")}
-    return {"gpu": r.gpu, "mem_mb": r.mem_mb, "runtime": r.runtime, **{k: v for k, v in where.items() if v}}
+    return {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "cpus" and getattr(r, f.name)
+            is not None}
