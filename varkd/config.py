@@ -145,9 +145,11 @@ class OptimConfig:
 
 
 DIVERGENCES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")  # ce: hard labels; the rest: varkd.losses
-DATA_SOURCES = ("ground_truth", "teacher", "student", "mixed", "adaptive")
+DATA_SOURCES = ("ground_truth", "teacher", "student", "repaired", "mixed", "adaptive")
 SELECTORS = ("none", "confidence", "entropy", "acceptance", "topk")
 REWEIGHTS = ("none", "confidence", "entropy")
+NORMALIZATIONS = ("weights", "sequences", "positions")
+CLUSTER_SOURCES = ("codebook", "teacher")
 
 
 @dataclass
@@ -158,7 +160,10 @@ class WeightingConfig:
     elsewhere (0 masks it): confidence max_v p_T(v) >= threshold; entropy H(p_T) <= threshold (nats);
     acceptance min(1, p_T(x)/q_S(x)) >= threshold for the sequence's own token x (speculative verification);
     topk x among the teacher's top_k tokens. The score reweights every position continuously: confidence
-    max_v p_T(v), entropy 1 - H(p_T)/log V, none 1. Weights carry no gradient.
+    max_v p_T(v), entropy 1 - H(p_T)/log V, none 1, raised to `power` (a tempered score: 1 as is, 0 flat, 0.5
+    halves the log-ratio between two positions' weights). space=clusters computes selector and score on the
+    method's cluster marginals (the sequence's token read as its cluster) instead of the tokens. Weights carry no
+    gradient.
     """
 
     selector: str = "none"  # none | confidence | entropy | acceptance | topk
@@ -166,15 +171,20 @@ class WeightingConfig:
     top_k: int = 10
     low_weight: float = 0.0  # gate of rejected positions (SelecTKD's beta; 0 masks them)
     reweight: str = "none"  # none | confidence | entropy
-    normalize: str = "weights"  # weights: sum(w * D) / sum(w); positions: sum(w * D) / number of positions
+    power: float = 1.0  # the score's exponent (tempered reweighting)
+    space: str = "tokens"  # tokens | clusters: where selector and score read the teacher (and student)
+    # weights: sum(w * D) / sum(w) over the batch; sequences: each sequence's sum(w * D) / sum(w), averaged over
+    # sequences (every sequence counts the same, however confident its teacher); positions: sum(w * D) / positions
+    normalize: str = "weights"
 
     def __post_init__(self):
         _check_choice("weighting.selector", self.selector, SELECTORS)
         _check_choice("weighting.reweight", self.reweight, REWEIGHTS)
-        _check_choice("weighting.normalize", self.normalize, ("weights", "positions"))
+        _check_choice("weighting.normalize", self.normalize, NORMALIZATIONS)
+        _check_choice("weighting.space", self.space, ("tokens", "clusters"))
         _check_positive(self, "top_k")
-        if self.threshold < 0 or not 0 <= self.low_weight <= 1:
-            raise ConfigError("weighting needs threshold >= 0 and 0 <= low_weight <= 1")
+        if self.threshold < 0 or not 0 <= self.low_weight <= 1 or self.power < 0:
+            raise ConfigError("weighting needs threshold >= 0, 0 <= low_weight <= 1 and power >= 0")
 
     @property
     def active(self) -> bool:
@@ -185,7 +195,9 @@ class WeightingConfig:
 class TermConfig:
     """One loss term: a divergence on sequences from one data source (design section 2)."""
 
-    data: str = "ground_truth"  # ground_truth | teacher (samples) | student (samples) | mixed (mixture) | adaptive (DistiLLM)
+    # ground_truth | teacher (samples) | student (samples) | repaired (student samples, the teacher continuing from
+    # the first token it rejects: RolloutConfig.repair_threshold) | mixed (mixture) | adaptive (DistiLLM)
+    data: str = "ground_truth"
     divergence: str = "fkl"  # ce (hard labels on the sequence) | fkl | rkl | jsd | skl | srkl | tvd
     weight: float = 1.0
     beta: float = 0.5  # jsd: M = beta * teacher + (1 - beta) * student (GKD convention: 0 -> FKL, 1 -> RKL)
@@ -235,6 +247,10 @@ class RolloutConfig:
     sampler: str = "ar"  # ar: token by token with the KV cache | sjd: speculative Jacobi decoding (lossless, parallel)
     window: int = 16  # sjd: draft tokens verified per forward pass (SJD's default L = 16)
     init: str = "random"  # sjd: drafts for new positions: random tokens | repeat_horizon (the token one row above)
+    # data=repaired: the teacher rejects the student's token x at the first position where
+    # min(1, p_T(x) / q_S(x)) < repair_threshold, and samples that position and the rest of the sequence itself
+    # (with the settings above), so a derailed prefix is repaired instead of supervised (speculative KD's repair)
+    repair_threshold: float = 0.3
 
     def __post_init__(self):
         _check_choice("rollout.sampler", self.sampler, ("ar", "sjd"))
@@ -244,6 +260,8 @@ class RolloutConfig:
             raise ConfigError("rollout needs cfg_scale >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
         if not 0 <= self.null_fraction < 1:
             raise ConfigError(f"null_fraction must be in [0, 1), got {self.null_fraction}")
+        if not 0 <= self.repair_threshold <= 1:
+            raise ConfigError(f"rollout.repair_threshold must be in [0, 1], got {self.repair_threshold}")
 
 
 @dataclass
@@ -302,13 +320,17 @@ class MethodConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     clusters: int = 0  # codebook clusters for terms with cluster_weight > 0 (equal sizes: must divide the vocabulary)
+    # codebook: balanced k-means of the code vectors (codes that look alike); teacher: of the codes' co-occurrence
+    # in the teacher's predictions (codes the teacher hesitates between), varkd.clusters
+    cluster_source: str = "codebook"
 
     def __post_init__(self):
         if not self.terms:
             raise ConfigError("terms must list at least one loss term")
+        _check_choice("cluster_source", self.cluster_source, CLUSTER_SOURCES)
         if self.uses_clusters != (self.clusters > 0):
-            raise ConfigError("clusters must be > 0 exactly when a term has cluster_weight > 0 "
-                              f"(clusters={self.clusters})")
+            raise ConfigError("clusters must be > 0 exactly when a term has cluster_weight > 0 or weighting.space: "
+                              f"clusters (clusters={self.clusters})")
         _check_positive(self, "temperature")
         if self.rollout.eval_sampling and not self.uses_teacher_pool:
             raise ConfigError("rollout.eval_sampling sets how the teacher pool is drawn: it needs "
@@ -327,7 +349,7 @@ class MethodConfig:
 
     @property
     def uses_clusters(self) -> bool:
-        return any(t.cluster_weight > 0 for t in self.terms)
+        return any(t.cluster_weight > 0 or t.weighting.space == "clusters" for t in self.terms)
 
     @property
     def uses_teacher_pool(self) -> bool:
@@ -340,9 +362,9 @@ class MethodConfig:
     @property
     def needs_live_teacher(self) -> bool:
         """Some steps need the teacher itself: to sample, or to score sequences the student sampled (fresh, from
-        the student pool, or rows of a mixed batch)."""
+        the student pool, or rows of a mixed batch), or to repair the student's samples."""
         pool = self.rollout.teacher_pool
-        return any((t.data == "teacher" and not pool)
+        return any((t.data == "teacher" and not pool) or t.data == "repaired"
                    or (t.uses_teacher_logits and t.data not in ("ground_truth", "teacher")) for t in self.terms)
 
 
@@ -823,14 +845,26 @@ class TrainJob:
 
 @dataclass
 class ClusterJob:
-    """The tokenizer's codebook in num_clusters equal-size clusters (varkd.clusters)."""
+    """The codebook in num_clusters equal-size clusters (varkd.clusters): of the tokenizer's code vectors, or, with
+    a teacher, of the codes' co-occurrence in its predictions on the first num_sequences training sequences."""
 
-    tokenizer: str = "???"
+    tokenizer: Optional[str] = None  # cluster_source=codebook: its code vectors
     num_clusters: int = 16
     seed: int = 0
+    teacher: Optional[str] = None  # cluster_source=teacher: its checkpoint
+    codes_train: Optional[str] = None  # cluster_source=teacher: the sequences it predicts
+    num_sequences: int = 2000
     out: str = "???"  # int64 assignment [V] (.npy)
 
+    def __post_init__(self):
+        if (self.teacher is None) != (self.codes_train is None) or (self.teacher is None) == (self.tokenizer is None):
+            raise ConfigError("ClusterJob: set tokenizer (codebook clusters) or teacher and codes_train (co-occurrence "
+                              "clusters)")
+        _check_positive(self, "num_clusters", "num_sequences")
+
     def inputs(self) -> list[str]:
+        if self.teacher:
+            return [self.teacher, *code_set_files(self.codes_train)]
         return [self.tokenizer]
 
     def outputs(self) -> list[str]:
