@@ -71,3 +71,47 @@ def test_weighted_term_has_no_gradient_through_the_weights_and_no_nan():
     loss.backward()
     assert torch.isfinite(student.grad).all()
     assert student.grad[0, 2].abs().sum() == 0  # the masked position gets no gradient
+
+
+def test_tempered_reweighting_raises_the_score_to_its_power():
+    torch.testing.assert_close(weights(reweight="confidence", power=0.5), torch.tensor([0.85, 0.25, 0.4]).sqrt())
+    torch.testing.assert_close(weights(reweight="confidence", power=0.0), torch.ones(3))  # flat: no reweighting
+    h = teacher_entropy(P_T.log())[0]
+    torch.testing.assert_close(weights(reweight="entropy", power=2.0), (1 - h / math.log(4)) ** 2)
+
+
+def test_selection_in_cluster_space_reads_the_marginals_and_the_tokens_cluster():
+    # clusters {0, 2} and {1, 3}: order lists the codes cluster by cluster
+    order = torch.tensor([0, 2, 1, 3])
+    cluster_of = {0: 0, 2: 0, 1: 1, 3: 1}
+    w = token_weights(WeightingConfig(selector="acceptance", threshold=0.9, reweight="confidence", space="clusters"),
+                      Q_S.log(), P_T.log(), TOKENS, clusters=(order, 2))[0]
+    expected = []
+    for t, x in enumerate(TOKENS[0].tolist()):  # brute force over the cluster marginals, float64
+        p = [sum(P_T[0, t, v].double() for v in cluster_of if cluster_of[v] == c) for c in range(2)]
+        q = [sum(Q_S[0, t, v].double() for v in cluster_of if cluster_of[v] == c) for c in range(2)]
+        accepted = min(1.0, p[cluster_of[x]] / q[cluster_of[x]]) >= 0.9
+        expected.append(float(accepted) * max(p))
+    torch.testing.assert_close(w.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clusters"):
+        token_weights(WeightingConfig(selector="confidence", space="clusters"), Q_S.log(), P_T.log(), TOKENS)
+
+
+def test_per_sequence_normalisation_gives_every_weighted_sequence_the_same_say():
+    d = torch.tensor([[1.0, 3.0], [10.0, math.inf], [5.0, 7.0]])
+    w = torch.tensor([[1.0, 1.0], [0.5, 0.0], [0.0, 0.0]])  # the last sequence has no weight: left out
+    assert weighted_mean(d, w, "sequences").item() == pytest.approx((2.0 + 10.0) / 2)
+    assert weighted_mean(d, w, "weights").item() == pytest.approx((1 + 3 + 5) / 2.5)
+    assert weighted_mean(d, torch.zeros(3, 2), "sequences").item() == 0.0
+
+
+def test_weighting_settings_are_checked_before_any_compute():
+    from varkd.config import ConfigError, MethodConfig
+    with pytest.raises(ConfigError, match="power"):
+        WeightingConfig(reweight="confidence", power=-1.0)
+    with pytest.raises(ConfigError, match="normalize"):
+        WeightingConfig(normalize="rows")
+    cluster_space = TermConfig(weighting=WeightingConfig(selector="confidence", space="clusters"))
+    with pytest.raises(ConfigError, match="clusters must be > 0"):
+        MethodConfig(terms=[cluster_space])
+    assert MethodConfig(terms=[cluster_space], clusters=16).uses_clusters

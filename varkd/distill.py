@@ -126,7 +126,7 @@ def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, targe
         per_position = per_position + term.cluster_weight * marginals
     if not term.weighting.active:
         return losses.reduce(per_position)
-    weights = token_weights(term.weighting, logits, target, codes)
+    weights = token_weights(term.weighting, logits, target, codes, clusters)
     return weighted_mean(per_position, weights, term.weighting.normalize)
 
 
