@@ -1,19 +1,28 @@
-"""A compressed visual token space: the codebook grouped into k equal-size clusters of nearby codes.
+"""A compressed visual token space: the codebook grouped into k equal-size clusters of interchangeable codes.
 
 VQ codes that decode to similar patches are interchangeable for the image, yet a token-level divergence
 penalises every disagreement between them. Distilling the cluster marginals P(k) = sum_{v in C_k} p(v) instead
-removes disagreement inside a cluster (and can only lower a KL: data-processing inequality). The clustering
-follows IAR's balanced k-means (Hu et al., CVPR 2025; docs/distillation.md section 6) on the l2-normalised code
-vectors, which are what LlamaGen's decoder looks up.
+removes disagreement inside a cluster (and can only lower a KL: data-processing inequality). Two sources of clusters
+(MethodConfig.cluster_source, docs/distillation.md section 6):
+
+- codebook: IAR's balanced k-means (Hu et al., CVPR 2025) on the l2-normalised code vectors, which are what
+  LlamaGen's decoder looks up: codes that look alike.
+- teacher: balanced k-means of a spectral embedding of the codes' co-occurrence in the teacher's predictions,
+  C = sum_j p_j p_j^T over the positions j of training sequences: codes the teacher spreads its mass over at the same
+  positions, i.e. treats as interchangeable. These can differ from codes that look alike (GSD and DCPE report that
+  embedding distance is a poor guide), and they are the ambiguity a student cannot resolve either. That the paper's
+  "compressed visual token space" may be built this way is an assumption of this project, not the paper's text.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from varkd.checkpoints import load_vq
+from varkd.checkpoints import load_gpt, load_vq
+from varkd.codes import CodeSet, load_code_set
 from varkd.config import ClusterJob
 from varkd.io import atomic_path, load_npy
+from varkd.models.gpt import GPT
 
 
 def balanced_kmeans(x: np.ndarray, k: int, iters: int = 100, seed: int = 0) -> np.ndarray:
@@ -73,11 +82,61 @@ def load_clusters(path: str, vocab_size: int, num_clusters: int) -> torch.Tensor
     return torch.from_numpy(np.argsort(assign, kind="stable"))
 
 
+@torch.no_grad()
+def teacher_cooccurrence(teacher: GPT, codes: CodeSet, num_sequences: int, device: torch.device,
+                         batch_size: int = 64) -> torch.Tensor:
+    """C = sum_j p_j p_j^T, float64 [V, V], over every position j of the first num_sequences sequences (view 0, each
+    under its class label); p_j is the teacher's teacher-forced fp32 prediction, as varkd.distill.teacher_logits(...,
+    precision="fp32") gives it (a forward of its own here: varkd.distill imports this module).
+
+    Summed a batch at a time as P^T P: memory is one batch of probabilities [B * T, V] and C, never [N, T, V].
+    """
+    vocab = teacher.config.vocab_size
+    cooc = torch.zeros(vocab, vocab, dtype=torch.float64, device=device)
+    n = min(num_sequences, codes.N)
+    for i in range(0, n, batch_size):
+        rows = np.arange(i, min(i + batch_size, n))
+        x, y = codes.batch(rows).to(device), codes.labels[rows].to(device)
+        p = teacher(x[:, :-1], y).double().softmax(-1).flatten(0, 1)
+        cooc += p.T @ p
+    return cooc
+
+
+def spectral_clusters(cooc: torch.Tensor, k: int, seed: int = 0) -> np.ndarray:
+    """Balanced k-means of the codes' spectral embedding under a co-occurrence matrix [V, V] -> int64 [V].
+
+    Similarity S_uv = C_uv / sqrt(C_uu C_vv) (a cosine: how alike two codes' mass profiles over positions are, not
+    how often each is predicted). Each code is embedded by its row of the top-k eigenvectors of S, l2-normalised (Ng,
+    Jordan & Weiss, NIPS 2001): k groups of codes the teacher mixes among make S nearly block-diagonal with k
+    blocks, whose indicator vectors these eigenvectors span, so each group collapses to one point. More eigenvectors
+    than clusters would add directions of the near-null space, noise that spreads the groups apart.
+    """
+    scale = cooc.diagonal().sqrt()
+    scale[scale == 0] = 1  # a code never predicted co-occurs with nothing: its row of S stays zero
+    _, vectors = torch.linalg.eigh(cooc / scale[:, None] / scale[None, :])  # eigenvalues ascending
+    embedding = vectors[:, -k:].cpu().numpy()
+    embedding /= np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+    return balanced_kmeans(embedding, k, seed=seed)
+
+
 def cluster_codebook(job: ClusterJob, device: torch.device = torch.device("cpu")) -> None:
-    """Cluster the tokenizer's (l2-normalised) code vectors -> int64 assignment [V] in job.out (.npy)."""
-    vq = load_vq(job.tokenizer)
-    vectors = vq.codebook_vectors().detach().cpu().double().numpy()
-    assign = balanced_kmeans(vectors, job.num_clusters, seed=job.seed)
+    """The codes in job.num_clusters equal-size clusters -> int64 assignment [V] in job.out (.npy): of the teacher's
+    co-occurrence (job.teacher) or of the tokenizer's l2-normalised code vectors (job.tokenizer)."""
+    if job.teacher:
+        codes = load_code_set(job.codes_train)
+        teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
+        cfg, used = teacher.config, np.asarray(codes.codes[: job.num_sequences, 0])
+        if used.min() < 0 or used.max() >= cfg.vocab_size:
+            raise ValueError(f"{codes.source}: codes span [{used.min()}, {used.max()}], teacher {job.teacher} has "
+                             f"vocab_size={cfg.vocab_size} (tokenizer codebook and backbone vocabulary differ)")
+        if codes.T != cfg.block_size:
+            raise ValueError(f"{codes.source}: sequences of {codes.T} tokens, teacher {job.teacher} has "
+                             f"block_size={cfg.block_size}")
+        cooc = teacher_cooccurrence(teacher, codes, job.num_sequences, device)
+        assign = spectral_clusters(cooc, job.num_clusters, seed=job.seed)
+    else:
+        vectors = load_vq(job.tokenizer).codebook_vectors().detach().cpu().double().numpy()
+        assign = balanced_kmeans(vectors, job.num_clusters, seed=job.seed)
     with atomic_path(job.out, suffix=".npy") as tmp:
         np.save(tmp, assign)
     print(f"{job.out}: {job.num_clusters} clusters of {len(assign) // job.num_clusters} codes")

@@ -133,13 +133,14 @@ if STUDY.classifier:
 
 
 rule cluster_codebook:
-    """The codebook in k equal-size clusters, for distillation in the compressed token space."""
+    """The codebook in k equal-size clusters, for distillation in the compressed token space: of the code vectors
+    (clusterdir data/clusters) or of a teacher's co-occurrence (clusterdir <backbone>/teacher/clusters)."""
     input:
-        unpack(job("results/{study}/data/clusters/k{k}.yaml")),
+        unpack(job("results/{study}/{clusterdir}/k{k}.yaml")),
     output:
-        "results/{study}/data/clusters/k{k}.npy",
+        "results/{study}/{clusterdir}/k{k}.npy",
     log:
-        "results/logs/{study}/cluster_codebook_k{k}.log",
+        "results/logs/{study}/{clusterdir}/cluster_codebook_k{k}.log",
     threads: STUDY.resources("cluster_codebook").cpus
     resources:
         **cluster_resources("cluster_codebook"),
