@@ -85,6 +85,21 @@ def decoding_labels(model, cond_idx: torch.Tensor, cfg_scale: float) -> tuple[to
     return torch.cat([cond_idx, torch.full_like(cond_idx, cfg.num_classes)]), B
 
 
+def forced_positions(prefix: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor], B: int, T: int,
+                     device: torch.device) -> Optional[torch.Tensor]:
+    """The mask [B, T] of the positions whose token `generate` takes from `prefix` (None without a prefix)."""
+    if (prefix is None) != (prefix_len is None):
+        raise ValueError("prefix and prefix_len go together")
+    if prefix is None:
+        return None
+    if prefix.shape != (B, T) or prefix_len.shape != (B,):
+        raise ValueError(f"prefix {tuple(prefix.shape)} and prefix_len {tuple(prefix_len.shape)}: expected "
+                         f"({B}, {T}) and ({B},)")
+    if int(prefix_len.min()) < 0 or int(prefix_len.max()) > T:
+        raise ValueError(f"prefix_len must be in [0, {T}]")
+    return torch.arange(T, device=device)[None, :] < prefix_len.to(device)[:, None]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -96,6 +111,8 @@ def generate(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    prefix: Optional[torch.Tensor] = None,
+    prefix_len: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sample block_size image tokens per label -> LongTensor [B, T] in raster order.
 
@@ -103,36 +120,49 @@ def generate(
     temperature == 0 is greedy decoding. use_cache=False recomputes the whole prefix with the teacher-forced
     forward at every step (slow; the reference for the KV cache). The model is in eval mode for the call and its
     previous mode is restored afterwards; KV caches are sized to this batch and cleared on exit.
+
+    prefix [B, T] with prefix_len [B] (0..T) forces a start: row b takes prefix[b, n] at n < prefix_len[b] and
+    samples the rest given it (a teacher continuing a student's prefix). The positions every row forces,
+    n < min(prefix_len), run as one forward and draw no random numbers; the other steps draw for all rows.
     """
     cfg = model.config
     T = cfg.block_size
     cond_idx, B = decoding_labels(model, cond_idx, cfg_scale)
     device, guided = cond_idx.device, cfg_scale != 1.0
+    forced = forced_positions(prefix, prefix_len, B, T, device)
+    start = 0  # the first step that samples
+    if forced is not None:
+        prefix, start = prefix.to(device), int(prefix_len.min())
 
-    def next_token(logits: torch.Tensor) -> torch.Tensor:  # logits [B or 2B, V] -> [B]
+    def next_token(logits: torch.Tensor, n: int) -> torch.Tensor:  # logits [B or 2B, V] -> token n [B]
         if guided:
             logits = cfg_logits(logits[:B], logits[B:], cfg_scale)
-        return sample(logits, temperature, top_k, top_p, generator)
+        token = sample(logits, temperature, top_k, top_p, generator)
+        return token if forced is None else torch.where(forced[:, n], prefix[:, n], token)
 
     was_training = model.training
     model.eval()
     seq = torch.empty(B, T, dtype=torch.long, device=device)
+    if forced is not None:
+        seq[:, :start] = prefix[:, :start]
     try:
-        if use_cache:
+        if not use_cache:
+            for n in range(start, T):
+                x = seq[:, :n]
+                x = torch.cat([x, x]) if guided else x
+                seq[:, n] = next_token(model(x, cond_idx)[:, -1], n)
+        elif start < T:
             n_cls = cfg.cls_token_num
             model.setup_caches(max_batch_size=cond_idx.shape[0], max_seq_length=n_cls + T - 1)
-            logits = model(None, cond_idx, input_pos=torch.arange(n_cls, device=device))
-            seq[:, 0] = next_token(logits[:, -1])
-            for n in range(1, T):
+            x = seq[:, :start]
+            x = torch.cat([x, x]) if guided else x
+            logits = model(x, cond_idx, input_pos=torch.arange(n_cls + start, device=device))
+            seq[:, start] = next_token(logits[:, -1], start)
+            for n in range(start + 1, T):
                 x = seq[:, n - 1 : n]
                 x = torch.cat([x, x]) if guided else x
                 logits = model(x, None, input_pos=torch.tensor([n_cls + n - 1], device=device))
-                seq[:, n] = next_token(logits[:, -1])
-        else:
-            for n in range(T):
-                x = seq[:, :n]
-                x = torch.cat([x, x]) if guided else x
-                seq[:, n] = next_token(model(x, cond_idx)[:, -1])
+                seq[:, n] = next_token(logits[:, -1], n)
     finally:
         if use_cache:
             model.clear_caches()

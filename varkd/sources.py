@@ -4,7 +4,9 @@ ground_truth: codes of real images, each sequence one of its image's augmented v
 ten-crop; a code set of one view has nothing to draw). teacher / student: sequences sampled by that model (no
 gradient, eval mode, the KV-cache sampler or speculative Jacobi decoding, rollout settings of the method); they
 may instead come from a pool drawn once (`rollout.teacher_pool`; `rollout.student_pool`: the student init's
-samples), read like the ground truth. mixed: fresh student samples in place of ground truth, for the whole step
+samples), read like the ground truth. repaired: fresh student samples that the teacher verifies token by token and,
+from the first token it rejects (`rollout.repair_threshold`), continues itself (speculative KD's repair; `repair`);
+scored by the live teacher. mixed: fresh student samples in place of ground truth, for the whole step
 (GKD's on-policy fraction lambda) or per sequence (ImitKD's annealed mixture; a batch of both is scored by the live
 teacher, the cache holding ground-truth rows only). adaptive: DistiLLM's schedule over fresh student samples, a
 replay buffer of them, and ground truth.
@@ -19,6 +21,7 @@ what it did before steps were split.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -28,7 +31,7 @@ import torch
 from varkd import distributed
 from varkd.codes import CodeSet
 from varkd.config import MethodConfig
-from varkd.loop import WHOLE, BatchOrder, Part
+from varkd.loop import WHOLE, BatchOrder, Part, autocast
 from varkd.models.gpt import GPT
 from varkd.sampling import generate
 from varkd.schedules import AdaptiveSchedule, OnPolicyMixture, ReplayBuffer
@@ -47,6 +50,51 @@ class Batch:
 def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
     return torch.where(torch.rand(labels.shape) < p, torch.full_like(labels, null_class), labels)
+
+
+def token_log_probs(model: GPT, codes: torch.Tensor, labels: torch.Tensor, precision: str) -> torch.Tensor:
+    """log p(x_t | x_<t) [B, T] of the tokens codes [B, T] under the model's plain softmax (teacher-forced, eval
+    mode, its mode restored; bf16 autocast if precision="bf16")."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(codes.device, precision):
+            logits = model(codes[:, :-1], labels).float()
+    finally:
+        model.train(was_training)
+    return logits.gather(-1, codes[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def first_rejection(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, threshold: float,
+                    precision: str = "bf16") -> torch.Tensor:
+    """The first position [B] where the teacher rejects the student's token, min(1, p_T(x_t) / q_S(x_t)) < threshold
+    given x_<t (both plain softmax at temperature 1, teacher-forced, eval mode), block_size where it accepts every
+    token. The teacher scores as `distill.teacher_logits` does for training (bf16 autocast unless
+    precision="fp32"); the student as it sampled (fp32)."""
+    log_ratio = token_log_probs(teacher, codes, labels, precision) - token_log_probs(student, codes, labels, "fp32")
+    # min(1, r) < threshold <=> r < threshold, as threshold <= 1; threshold 0 rejects nothing
+    rejected = log_ratio < (math.log(threshold) if threshold > 0 else -math.inf)
+    return torch.where(rejected.any(dim=1), rejected.int().argmax(dim=1), codes.shape[1])
+
+
+def repair(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, threshold: float, *,
+           cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative KD's repair of the student's samples codes [B, T] (labels [B], on the models' device): each
+    sequence keeps the student's tokens before its first rejection (`first_rejection`) and the teacher samples that
+    position and the rest itself (`generate` from the forced prefix, with these settings), so the student is
+    supervised on its own context only as far as the teacher would accept it.
+
+    Returns (repaired codes [B, T], first rejection [B] long, T where none: that row is unchanged). Only the rows
+    with a rejection are decoded by the teacher."""
+    first = first_rejection(student, teacher, codes, labels, threshold, precision)
+    repaired = codes.clone()
+    rows = first < codes.shape[1]
+    if rows.any():
+        repaired[rows] = generate(teacher, labels[rows], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, generator=generator, prefix=codes[rows], prefix_len=first[rows])
+    return repaired, first
 
 
 class StepData:
@@ -76,6 +124,8 @@ class StepData:
         # one per part of a split step (micro-batches and ranks), summed over ranks in the logs
         self.counts = {"rollouts": 0, "rollout_tokens": 0, "rollout_steps": 0, "replayed": 0, "teacher_forwards": 0,
                        "student_forwards": 0}
+        if any(t.data == "repaired" for t in method.terms):  # sequences the teacher changed, positions it sampled
+            self.counts.update(repaired_rows=0, repaired_tokens=0)
         # sequences of the global batches of terms that choose their source (mixed, adaptive), and how many of them
         # were student samples (fresh or replayed): counted once per step and term, the same in every part and rank
         self.chosen = {"rows": 0, "student_rows": 0}
@@ -97,6 +147,8 @@ class StepData:
             return self._adaptive(step, term_index, index, rng, part_rng, generator)
         if source == "ground_truth":
             return self.ground_truth(index, part_rng)
+        if source == "repaired":
+            return self.repaired(index, part_rng, generator)
         pool = self.pools.get(term.data)  # a teacher or student term reads its pool (a mixture never does)
         if pool is not None:
             return Batch(pool.batch(index), pool.labels[index], index, f"{source}_pool")
@@ -124,6 +176,23 @@ class StepData:
         self.counts["rollouts"] += 1
         self.counts["rollout_tokens"] += codes.numel()
         return Batch(codes.cpu(), labels.cpu())
+
+    def repaired(self, index: np.ndarray, rng: np.random.Generator, generator: torch.Generator) -> Batch:
+        """A student rollout for the rows `index`, repaired by the teacher (`repair`, with the rollout's settings and
+        the same generator). It carries no index: the teacher scores it live. The verification is a teacher
+        forward; the teacher's decoding steps count as rollout steps."""
+        if self.teacher is None:
+            raise ValueError("data=repaired needs the live teacher: StepData has no teacher")
+        batch = self.rollout(self.student, index, rng, generator)
+        r, T = self.method.rollout, batch.codes.shape[1]
+        codes, first = repair(self.student, self.teacher, batch.codes.to(self.device), batch.labels.to(self.device),
+                              r.repair_threshold, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
+                              top_p=r.top_p, generator=generator)
+        self.counts["teacher_forwards"] += 1
+        self.counts["rollout_steps"] += T - int(first.min())
+        self.counts["repaired_rows"] += int((first < T).sum())
+        self.counts["repaired_tokens"] += int((T - first).sum())
+        return Batch(codes.cpu(), batch.labels)
 
     def _mixed_rows(self, step: int, term_index: int, part: Part, part_rng: np.random.Generator,
                     generator: torch.Generator) -> Batch:
