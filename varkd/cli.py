@@ -92,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     fig.add_argument("--results", required=True, help="the study's results folder (holding tables/)")
     fig.add_argument("--table", required=True, help="main, baselines or ablations")
     fig.add_argument("--out", required=True, help="output path without extension: <out>.png and <out>.pdf")
+    stage = sub.add_parser("search-stage", help="rank one stage of a search on its runs' validation metrics")
+    stage.add_argument("metrics", nargs="+", help="metrics.json files of the stage's runs")
+    stage.add_argument("--keep", type=count(0), required=True, help="candidates going on to the next stage")
+    stage.add_argument("--out", required=True, help="the stage table (CSV)")
+    rep = sub.add_parser("search-report", help="a search's table and figure from its stage tables")
+    rep.add_argument("stages", nargs="+", help="the stage tables, first stage first")
+    rep.add_argument("--reads", type=json.loads, required=True, help="JSON: candidate -> the phrase it reads")
+    rep.add_argument("--steps", type=count(1), nargs="+", required=True, help="training steps of each stage")
+    rep.add_argument("--out-dir", required=True, help="search.csv and search.md go there")
+    rep.add_argument("--figure", required=True, help="figure path without extension: <figure>.png and .pdf")
     check = sub.add_parser("check-config", help="validate a study config and its presets, list its jobs")
     check.add_argument("study", nargs="+", help="study config files, later ones overriding earlier ones key by key "
                                                 "(as Snakemake's --configfile), e.g. config/config.yaml")
@@ -114,13 +124,24 @@ def main(argv: list[str] | None = None) -> int:
             from varkd.claims import write_claims
 
             write_claims(args.summaries, args.diagnostics, args.out_dir)
-        elif args.command == "plot":
+        elif args.command == "search-stage":
+            from varkd.search import write_stage
+
+            write_stage(args.metrics, args.keep, args.out)
+        elif args.command in ("plot", "search-report"):
             import matplotlib
 
             matplotlib.use("Agg")
-            from varkd.plots import plot
+            if args.command == "plot":
+                from varkd.plots import plot
 
-            plot(args.figure, args.results, args.table, args.out)
+                plot(args.figure, args.results, args.table, args.out)
+            else:
+                from varkd.search import report
+
+                if len(args.steps) != len(args.stages):
+                    raise ValueError(f"--steps gives {len(args.steps)} stages, {len(args.stages)} stage tables given")
+                report(args.stages, args.reads, args.steps, args.out_dir, args.figure)
         elif args.command == "check-config":
             from varkd.study import Study
 

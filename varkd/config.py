@@ -560,6 +560,58 @@ class SweepConfig:
 
 
 @dataclass
+class SearchCandidate:
+    """One reading of the paper's method: the search's base preset with dotted keys set."""
+
+    name: str = "???"  # short, in run names (search-<name>-r<stage>) and the search table
+    reads: str = ""  # the phrase of the paper's abstract this reading reads, and how
+    set: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
+            raise ConfigError(f"search candidate {self.name!r}: letters, digits and _ only (part of run folder names)")
+
+
+@dataclass
+class SearchStage:
+    """One rung of successive halving: every candidate still in trains with the study's student_optim, these dotted
+    keys set (e.g. steps), and the best `keep` of them go on to the next stage (the last stage keeps none)."""
+
+    optim: dict[str, Any] = field(default_factory=dict)
+    keep: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """A search over readings of a method (target varkd_search): candidates ranked on the validation split only,
+    by the mean over seeds of their ranks in val FID and val NLL (varkd.search), stage by stage."""
+
+    base: str = "???"  # the method preset every candidate sets its keys in
+    backbone: str = "???"
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    common: dict[str, Any] = field(default_factory=dict)  # dotted keys set in every candidate, before its own
+    candidates: list[SearchCandidate] = field(default_factory=list)
+    stages: list[SearchStage] = field(default_factory=list)
+
+    def __post_init__(self):
+        names = [c.name for c in self.candidates]
+        if len(names) < 2 or len(set(names)) < len(names):
+            raise ConfigError(f"search.candidates needs at least two candidates with distinct names, got {names}")
+        if not self.stages or not self.seeds:
+            raise ConfigError("search needs at least one stage and one seed")
+        alive = len(names)
+        for i, stage in enumerate(self.stages):
+            last = i == len(self.stages) - 1
+            if (stage.keep != 0) == last or not 0 <= stage.keep < alive:
+                raise ConfigError(f"search.stages.{i}.keep={stage.keep}: every stage but the last keeps between 1 "
+                                  f"and {alive - 1} of its {alive} candidates, the last keeps 0")
+            alive = stage.keep
+
+    def run_name(self, candidate: str, stage: int) -> str:
+        return f"search-{candidate}-r{stage}"
+
+
+@dataclass
 class ResourceConfig:
     """What one job of a workflow rule asks a cluster for; the submitit executor maps it to sbatch options."""
 
@@ -619,6 +671,7 @@ class StudyConfig:
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per workflow rule (its name as in workflow/rules/*.smk); rules not listed get ResourceConfig's defaults.
     resources: dict[str, ResourceConfig] = field(default_factory=dict)
+    search: Optional[SearchConfig] = None  # target varkd_search
 
     def __post_init__(self):
         if not self.backbones or not self.methods or not self.seeds:

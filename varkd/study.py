@@ -17,8 +17,9 @@ from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILE
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, DiagnoseJob,
                           EvaluateJob, ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob,
-                          ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, PoolJob, PrepareDataJob,
-                          ResourceConfig, RolloutConfig, SampleConfig, SampleJob, StudyConfig, SweepConfig,
+                          ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, OptimConfig, PoolJob,
+                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleConfig, SampleJob, SearchConfig,
+                          StudyConfig, SweepConfig,
                           TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, load_yaml, structured,
                           to_yaml)
 from varkd.models.gpt import gpt_config
@@ -88,6 +89,16 @@ def sweep_methods(sweep: SweepConfig, base: MethodConfig) -> dict[str, MethodCon
     return methods
 
 
+def search_methods(search: SearchConfig, base: MethodConfig) -> dict[str, MethodConfig]:
+    """Each candidate of a search, one run name per stage: the base preset with the common keys, then its own, set."""
+    methods = {}
+    for candidate in search.candidates:
+        where = f"search candidate {candidate.name!r}"
+        method = with_overrides(with_overrides(base, search.common, "search.common"), candidate.set, where)
+        methods.update({search.run_name(candidate.name, i): method for i in range(len(search.stages))})
+    return methods
+
+
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
 REFERENCE_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
@@ -112,6 +123,9 @@ class Study:
                 self._add_student_init_jobs(backbone)
         for run in self.runs():
             self._add_student_jobs(run)
+        for stage in range(len(cfg.search.stages) if cfg.search else 0):
+            for run in self.search_runs(stage):
+                self._add_student_jobs(run, self.search_optim(stage))
 
     @classmethod
     def load(cls, data: Any, source: str = "study config") -> "Study":
@@ -132,6 +146,9 @@ class Study:
         methods = {m: load_method(presets / "methods", m, cfg.method_overrides) for m in names}
         for sweep in cfg.sweeps:
             methods.update(sweep_methods(sweep, methods[sweep.method]))
+        if cfg.search:
+            methods.update(search_methods(cfg.search, load_method(presets / "methods", cfg.search.base,
+                                                                  cfg.method_overrides)))
         return cls(cfg, backbones, methods)
 
     def _official_file(self, file_name: str, what: str) -> str:
@@ -213,6 +230,13 @@ class Study:
             for value in sweep.values:
                 if sweep.run_name(value) in presets:
                     raise ConfigError(f"sweep {sweep.name!r}: run name {sweep.run_name(value)!r} is also a preset")
+        if cfg.search:
+            if cfg.search.backbone not in self.backbones:
+                raise ConfigError(f"search.backbone={cfg.search.backbone!r} is not in the study's backbones "
+                                  f"{cfg.backbones}")
+            clash = sorted(set(self.search_stages) & presets)
+            if clash:
+                raise ConfigError(f"search run names {clash} are also presets of the study")
         grid = cfg.data.image_size // vq.downsample
         if self.classifier and cfg.classifier.model.num_classes != cfg.data.num_classes:
             raise ConfigError(f"classifier.model.num_classes={cfg.classifier.model.num_classes} != "
@@ -276,8 +300,11 @@ class Study:
     def code_shard(self, split: str, shard: int) -> str:
         return self.path("data", "codes", split, "shards", f"shard{shard}.npz")
 
-    def clusters(self, k: int) -> str:
-        return self.path("data", "clusters", f"k{k}.npy")
+    def clusters(self, k: int, source: str, backbone: str) -> str:
+        """A method's cluster assignment: of the codebook, one per study; of the teacher's co-occurrence
+        (cluster_source: teacher), one per teacher, beside it."""
+        folder = f"{self.teacher_dir(backbone)}/clusters" if source == "teacher" else self.path("data", "clusters")
+        return f"{folder}/k{k}.npy"
 
     @property
     def classifier(self) -> str | None:
@@ -357,11 +384,46 @@ class Study:
         return [self.path("plots", f"{table}_{name}.{ext}") for name in names for ext in ("png", "pdf")]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
-        """Runs of the given methods (default: every method of the study) on their backbones and every seed."""
-        methods = list(self.methods) if methods is None else list(dict.fromkeys(methods))
+        """Runs of the given methods (default: every method of the study's tables) on their backbones and every
+        seed; a search's runs are `search_runs`."""
+        searched = self.search_stages
+        methods = [m for m in self.methods if m not in searched] if methods is None else list(dict.fromkeys(methods))
         sweeps = self.sweep_runs
         return [Run(b, m, s) for b in self.cfg.backbones for m in methods for s in self.cfg.seeds
                 if b in sweeps.get(m, self.cfg.backbones)]
+
+    # ---- the search over a method's readings (target varkd_search, varkd.search) -------------------------------
+    @property
+    def search_stages(self) -> dict[str, int]:
+        """Run name of each search candidate at each stage -> the stage."""
+        search = self.cfg.search
+        if search is None:
+            return {}
+        return {search.run_name(c.name, i): i for c in search.candidates for i in range(len(search.stages))}
+
+    def search_runs(self, stage: int, candidates: list[str] | None = None) -> list[Run]:
+        """The runs of a search stage: the given candidates (default: all) x the search's seeds."""
+        search = self.cfg.search
+        names = [c.name for c in search.candidates] if candidates is None else candidates
+        return [Run(search.backbone, search.run_name(c, stage), s) for c in names for s in search.seeds]
+
+    def search_optim(self, stage: int) -> OptimConfig:
+        """The study's student_optim with the stage's keys set (e.g. steps)."""
+        cfg = OmegaConf.structured(self.cfg.student_optim)
+        where = f"search.stages.{stage}.optim"
+        for key, value in self.cfg.search.stages[stage].optim.items():
+            if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"{where}: key {key!r} does not exist in student_optim")
+            OmegaConf.update(cfg, key, value, merge=False)
+        return structured(OptimConfig, cfg, where)
+
+    def search_files(self, stage: int, candidates: list[str] | None = None) -> list[str]:
+        """The metrics.json files a stage ranks, then every file they rest on (as the all* targets list them)."""
+        metrics = [f"{self.run_dir(r)}/metrics.json" for r in self.search_runs(stage, candidates)]
+        return metrics + [p for p in self.needed_files(metrics) if p not in metrics]
+
+    def search_stage_table(self, stage: int) -> str:
+        return self.path("search", f"stage{stage}.csv")
 
     def noise_file(self, backbone: str) -> str:
         """The noise floor of a backbone: its student init sampled with several sampling seeds (NoiseFloorJob)."""
@@ -384,7 +446,7 @@ class Study:
     def diagnosed(self, run: Run) -> bool:
         """Only a method's run at the study's first seed is diagnosed: one job per method shows where the teacher's
         supervision of its student is unreliable, at a fraction of the cost of every seed."""
-        return run.seed == self.cfg.seeds[0]
+        return run.seed == self.cfg.seeds[0] and run.method not in self.search_stages
 
     def diagnostics_files(self, methods: list[str] | None = None) -> list[str]:
         """The diagnostics.csv files of a table: each backbone's student init and each method's first seed."""
@@ -565,14 +627,16 @@ class Study:
             self.jobs[f"{pool}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=pool)
         return pool
 
-    def _add_student_jobs(self, run: Run) -> None:
+    def _add_student_jobs(self, run: Run, optim: OptimConfig | None = None) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
         seed = self.backbones[run.backbone].teacher_seed  # shared artefacts of a backbone: its teacher's seed
         pool, student_pool, clusters = None, None, None
         if method.uses_clusters:
-            clusters = self.clusters(method.clusters)
-            self.jobs[self.path("data", "clusters", f"k{method.clusters}.yaml")] = ClusterJob(
-                tokenizer=self.tokenizer, num_clusters=method.clusters, out=clusters)
+            clusters = self.clusters(method.clusters, method.cluster_source, run.backbone)
+            source = (dict(teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"))
+                      if method.cluster_source == "teacher" else dict(tokenizer=self.tokenizer))
+            self.jobs[clusters.replace(".npy", ".yaml")] = ClusterJob(**source, num_clusters=method.clusters,
+                                                                      out=clusters)
         if method.uses_teacher_pool:
             pool = self._add_pool_jobs(tdir, f"{tdir}/teacher.pt", self.pool_sampling(run.backbone, method, "teacher"),
                                        seed, logits=self.cfg.cache_teacher_logits)
@@ -587,7 +651,7 @@ class Study:
         live = method.needs_live_teacher or (not cached and (method.uses_cached_logits or pool is not None))
         self.jobs[f"{rdir}/config.yaml"] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
-            model=self.backbones[run.backbone].student, kd=method, optim=self.cfg.student_optim,
+            model=self.backbones[run.backbone].student, kd=method, optim=optim or self.cfg.student_optim,
             codes_train=self.codes("train"), codes_val=self.codes("val"),
             teacher=f"{tdir}/teacher.pt" if live else None,
             teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits and cached else None,
