@@ -28,7 +28,13 @@ def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     # + 3 pools: seqkd's and distillm2's of the teacher, distillm2's of the student init
     assert kinds["CodeShardJob"] == study.cfg.codes.num_shards + 2 * study.cfg.codes.heldout_shards
     assert kinds["GatherCodesJob"] == 3 + 3  # train, val, test
-    assert kinds["SampleJob"] == 8 * 17 and kinds["GatherSamplesJob"] == 17  # 15 runs + teacher + student init
+    search = sum(len(study.search_runs(i)) for i in range(len(study.cfg.search.stages)))
+    runs = 17 + search  # 15 runs + teacher + student init, and the search's candidates at each stage
+    assert kinds["SampleJob"] == 8 * runs and kinds["GatherSamplesJob"] == runs
+    # the embedded study's search candidates, unchanged but for the GPU's rollouts and the budget
+    first = study.jobs[f"{study.run_dir(study.search_runs(0)[0])}/config.yaml"]
+    assert (first.kd.rollout.sampler, first.kd.rollout.window, first.optim.steps) == ("sjd", 16, 2000)
+    assert study.search_optim(1).steps == study.cfg.student_optim.steps
     assert "PrepareDataJob" not in kinds and "ClassifierJob" not in kinds and "TeacherLogitsJob" not in kinds
     root, data = "results/imagenet/llamagen_L_B", tmp_path / "paper-data"
     teacher, init = study.jobs[f"{root}/teacher/config.yaml"], study.jobs[f"{root}/student_init/config.yaml"]
