@@ -268,3 +268,29 @@ def test_miniature_study_end_to_end(miniature_study):
     clone.mkdir()
     for notebook in ("results", "samples"):
         execute_notebook(REPO / "notebooks" / f"{notebook}.ipynb", clone, results_dir="results/embedded")
+
+
+@pytest.mark.slow
+def test_search_halves_its_candidates_on_validation_metrics(miniature_study):
+    """varkd_search on the miniature: every candidate at stage 0, only the kept one at stage 1 (the checkpoint's
+    table decides), the report names the winner, and a second run has nothing to do."""
+    workdir = miniature_study
+    search = {"search": {"seeds": [0], "candidates": [
+        {"name": "summary", "reads": "first"}, {"name": "mixed", "reads": "half", "set": {"terms.0.data": "mixed"}},
+        {"name": "skew", "reads": "skew", "set": {"terms.0.divergence": "skl"}}],
+        "stages": [{"optim": {}, "keep": 1}, {"optim": {"steps": 3}}]}}
+    (workdir / "search.yaml").write_text(yaml.safe_dump(search))
+    snakemake(workdir, "varkd_search", "--configfile", "config/config.yaml", "search.yaml")
+    root = workdir / "results" / "embedded"
+    stage0, stage1 = (pd.read_csv(root / "search" / f"stage{i}.csv") for i in range(2))
+    assert sorted(stage0["candidate"]) == ["mixed", "skew", "summary"] and stage0["kept"].sum() == 1
+    winner = stage0.loc[stage0["kept"], "candidate"].item()
+    assert stage1["candidate"].tolist() == [winner]
+    trained = sorted(p.parent.name for p in (root / "tiny").glob("search-*-r1/seed0/student.pt"))
+    assert trained == [f"search-{winner}-r1"]
+    log = pd.read_csv(root / "tiny" / f"search-{winner}-r1" / "seed0" / "train_log.csv")
+    assert log["step"].max() == 3  # the stage's budget
+    assert f"Winner: **{winner}**" in (root / "search" / "search.md").read_text()
+    assert (root / "plots" / "search.png").is_file()
+    out = snakemake(workdir, "-n", "varkd_search", "--configfile", "config/config.yaml", "search.yaml").stdout
+    assert "Nothing to be done" in out

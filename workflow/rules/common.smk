@@ -1,10 +1,12 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from varkd.config import SPLITS, ConfigError, load_yaml
+from varkd.search import kept as search_kept
 from varkd.study import Study
 
 
@@ -40,3 +42,20 @@ def cluster_resources(rule):
     r = STUDY.resources(rule)
     return {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "cpus" and getattr(r, f.name)
             is not None}
+
+
+def search_stage_files(wildcards):
+    """A search stage's runs (every candidate at stage 0, the previous stage's kept ones after) and what they rest
+    on: the previous stage is a checkpoint, read once it has run."""
+    stage = int(wildcards.stage)
+    if stage == 0:
+        return STUDY.search_files(0)
+    previous = checkpoints.search_stage.get(study=wildcards.study, stage=stage - 1).output[0]
+    return STUDY.search_files(stage, search_kept(previous))
+
+
+def search_target(wildcards):
+    """The search's report; a study without a `search` section says so instead of doing nothing."""
+    if STUDY.cfg.search is None:
+        raise WorkflowError(f"study {STUDY.name!r} has no `search` section: varkd_search has nothing to search")
+    return STUDY.path("search", "search.md")

@@ -1,20 +1,11 @@
 # The search over VarKD's readings (target varkd_search; StudyConfig.search, varkd/search.py): successive halving on
-# the validation split. Each stage is a checkpoint: which candidates the next stage trains is read from its table.
-from varkd.search import kept as search_kept
+# the validation split. Each stage is a checkpoint: which candidates the next stage trains is read from its table
+# (search_stage_files in common.smk).
 
 
 localrules:
     search_stage,
     search_report,
-
-
-def search_stage_files(wildcards):
-    """The stage's runs (every candidate at stage 0, the previous stage's kept ones after) and what they rest on."""
-    stage = int(wildcards.stage)
-    if stage == 0:
-        return STUDY.search_files(0)
-    previous = checkpoints.search_stage.get(study=wildcards.study, stage=stage - 1).output[0]
-    return STUDY.search_files(stage, search_kept(previous))
 
 
 checkpoint search_stage:
@@ -24,7 +15,7 @@ checkpoint search_stage:
     output:
         "results/{study}/search/stage{stage}.csv",
     params:
-        metrics=lambda wc, input: [p for p in input if p.endswith("/metrics.json")],
+        metrics=lambda wc, input: [p for p in input if Path(p).name == "metrics.json"],
         keep=lambda wc: STUDY.cfg.search.stages[int(wc.stage)].keep,
     log:
         "results/logs/{study}/search/stage{stage}.log",
