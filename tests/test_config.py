@@ -260,7 +260,7 @@ def test_backbones_can_share_a_teacher(study_dict, presets):
         Study.load({**study_dict, "backbones": ["tiny", "wide"]})
 
 
-ABLATIONS = ["varkd", "varkd_no_selective", "varkd_no_reweight", "varkd_no_clusters", "varkd_gt_data",
+ABLATIONS = ["varkd", "varkd_summary", "varkd_no_selective", "varkd_no_reweight", "varkd_no_clusters", "varkd_gt_data",
              "varkd_ar_rollouts"]
 
 
@@ -268,12 +268,14 @@ def test_ablation_presets_change_one_component_of_varkd(study_dict):
     study = Study.load({**study_dict, "ablations": ABLATIONS})
     varkd = study.methods["varkd"]
     term = varkd.terms[0]
-    assert term.data == "student" and term.weighting.selector != "none" and term.weighting.reweight != "none"
+    assert term.data == "mixed" and term.weighting.selector != "none" and term.weighting.reweight != "none"
+    assert (varkd.mixture.granularity, varkd.mixture.schedule) == ("sequence", "linear")  # the search's winner
     assert term.cluster_weight > 0 and varkd.clusters > 0 and varkd.rollout.sampler == "sjd"
     changed = {
         "varkd_no_selective": lambda m: m.terms[0].weighting.selector == "none",
         "varkd_no_reweight": lambda m: m.terms[0].weighting.reweight == "none",
         "varkd_no_clusters": lambda m: m.terms[0].cluster_weight == 0 and m.clusters == 0,
+        "varkd_summary": lambda m: m.terms[0].data == "student",  # the first reading: student contexts only
         "varkd_gt_data": lambda m: m.terms[0].data == "ground_truth",
         "varkd_ar_rollouts": lambda m: m.rollout.sampler == "ar",
     }
@@ -336,7 +338,7 @@ def test_full_embedded_study_overrides_only_the_budget(capsys):
     """config/embedded-full.yaml: the default methods on one backbone with 3 seeds and a larger budget."""
     default_path, full_path = REPO / "config" / "config.yaml", REPO / "config" / "embedded-full.yaml"
     assert cli.main(["check-config", str(default_path), str(full_path)]) == 0
-    assert "study 'embedded-full': 45 runs" in capsys.readouterr().out  # 9 baselines + 6 VarKD presets, x 3 seeds
+    assert "study 'embedded-full': 48 runs" in capsys.readouterr().out  # 9 baselines + 7 VarKD presets, x 3 seeds
     default, full = yaml.safe_load(default_path.read_text()), yaml.safe_load(full_path.read_text())
     assert set(full) == {"study", "backbones", "sweeps", "seeds", "student_optim"} and len(full["seeds"]) == 3
     assert full["student_optim"]["steps"] > default["student_optim"]["steps"]
