@@ -280,17 +280,18 @@ def test_search_halves_its_candidates_on_validation_metrics(miniature_study):
         {"name": "skew", "reads": "skew", "set": {"terms.0.divergence": "skl"}}],
         "stages": [{"optim": {}, "keep": 1}, {"optim": {"steps": 3}}]}}
     (workdir / "search.yaml").write_text(yaml.safe_dump(search))
-    snakemake(workdir, "varkd_search", "--configfile", "config/config.yaml", "search.yaml")
+    configs = [str(workdir / "config" / "config.yaml"), str(workdir / "search.yaml")]  # from the test's directory
+    snakemake(workdir, "varkd_search", "--configfile", *configs)
     root = workdir / "results" / "embedded"
     stage0, stage1 = (pd.read_csv(root / "search" / f"stage{i}.csv") for i in range(2))
     assert sorted(stage0["candidate"]) == ["mixed", "skew", "summary"] and stage0["kept"].sum() == 1
     winner = stage0.loc[stage0["kept"], "candidate"].item()
     assert stage1["candidate"].tolist() == [winner]
-    trained = sorted(p.parent.name for p in (root / "tiny").glob("search-*-r1/seed0/student.pt"))
+    trained = sorted(p.parent.parent.name for p in (root / "tiny").glob("search-*-r1/seed0/student.pt"))
     assert trained == [f"search-{winner}-r1"]
     log = pd.read_csv(root / "tiny" / f"search-{winner}-r1" / "seed0" / "train_log.csv")
     assert log["step"].max() == 3  # the stage's budget
     assert f"Winner: **{winner}**" in (root / "search" / "search.md").read_text()
     assert (root / "plots" / "search.png").is_file()
-    out = snakemake(workdir, "-n", "varkd_search", "--configfile", "config/config.yaml", "search.yaml").stdout
+    out = snakemake(workdir, "-n", "varkd_search", "--configfile", *configs).stdout
     assert "Nothing to be done" in out
