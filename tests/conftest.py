@@ -81,6 +81,30 @@ def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
                     codes_val=str(codes / "val"), out_dir=str(out), **kw)
 
 
+def resume_after_kill(run, out, monkeypatch, at_call: int, straight: dict, counts: tuple[str, ...]) -> None:
+    """Kill the training run `run(out)` at its `at_call`-th batch draw (after a checkpoint), rerun it, and assert
+    that the resumed model and the run's `counts` equal those of the uninterrupted run `straight` (a checkpoint)."""
+    from varkd import sources
+
+    real, calls = sources.StepData.__call__, {"n": 0}
+
+    def killed(self, *args):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(sources.StepData, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.setattr(sources.StepData, "__call__", real)
+    resumed = torch.load(run(out), weights_only=True)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    for key in counts:
+        assert straight["train"][key] == resumed["train"][key], key
+
+
 def assert_summary_matches_metrics_files(results: Path, table: str) -> None:
     """The table's summary holds, per (backbone, method), the count, mean and std over seeds of the metrics of the
     metrics.json files under `results` with that identity, computed here straight from the files."""

@@ -11,7 +11,7 @@ from varkd import distill, sources
 from varkd.config import MethodConfig, RolloutConfig, TermConfig
 from varkd.sampling import cfg_logits, generate
 from varkd.sjd import generate_sjd
-from tests.conftest import job
+from tests.conftest import job, resume_after_kill
 from tests.test_sources import random_gpt, step_data
 
 T, NULL = 16, 3  # TINY's block_size and null class
@@ -206,20 +206,5 @@ def test_repaired_run_logs_its_repairs_and_resumes_exactly(codes, tmp_path, monk
     assert 0 < rows <= 8 * 8 and rows <= tokens <= 16 * rows
     assert straight["train"]["repaired_rows"] == rows and straight["train"]["teacher_forwards"] == 2 * 8
 
-    real, calls = sources.StepData.__call__, {"n": 0}
-
-    def killed(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the checkpoint at step 4
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(sources.StepData, "__call__", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    monkeypatch.setattr(sources.StepData, "__call__", real)
-    resumed = torch.load(run(tmp_path / "b"), weights_only=True)
-    for key in straight["model"]:
-        assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for key in ("repaired_rows", "repaired_tokens", "rollout_steps", "teacher_forwards"):
-        assert straight["train"][key] == resumed["train"][key], key
+    resume_after_kill(run, tmp_path / "b", monkeypatch, 6, straight,  # killed after the checkpoint at step 4
+                      ("repaired_rows", "repaired_tokens", "rollout_steps", "teacher_forwards"))

@@ -14,7 +14,7 @@ from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import generate
 from varkd.sjd import generate_sjd
-from tests.conftest import TINY, job
+from tests.conftest import TINY, job, resume_after_kill
 
 
 def step_data(method, student, teacher=None, n=48, batch=8):
@@ -110,24 +110,7 @@ def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypat
     straight = torch.load(run(tmp_path / "a"), weights_only=True)
     assert straight["train"]["rollouts"] > 0 and straight["train"]["replayed"] > 0  # all three branches taken
 
-    real = sources.StepData.__call__
-    calls = {"n": 0}
-
-    def killed(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(sources.StepData, "__call__", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    monkeypatch.setattr(sources.StepData, "__call__", real)
-    resumed = torch.load(run(tmp_path / "b"), weights_only=True)
-    for key in straight["model"]:
-        assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for key in ("rollouts", "replayed", "teacher_forwards"):
-        assert straight["train"][key] == resumed["train"][key], key
+    resume_after_kill(run, tmp_path / "b", monkeypatch, 7, straight, ("rollouts", "replayed", "teacher_forwards"))
 
 
 def test_two_term_method_logs_both_terms(codes, tmp_path):
