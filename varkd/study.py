@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
@@ -24,6 +24,7 @@ from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJo
                           to_yaml)
 from varkd.models.gpt import gpt_config
 
+T = TypeVar("T")
 RESULTS = "results"
 _MISSING = object()
 # every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
@@ -45,14 +46,15 @@ def preset_path(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-def with_overrides(base: MethodConfig, overrides: dict[str, Any], source: str) -> MethodConfig:
-    """The base method with dotted keys set (e.g. terms.0.cluster_weight), checked like a preset."""
+def with_overrides(base: T, overrides: dict[str, Any], source: str) -> T:
+    """The base config (a method, an optimiser) with dotted keys set (e.g. terms.0.cluster_weight), checked like a
+    preset."""
     cfg = OmegaConf.structured(base)
     for key, value in overrides.items():
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise ConfigError(f"{source}: key {key!r} does not exist in the method config")
+            raise ConfigError(f"{source}: key {key!r} does not exist in the {type(base).__name__}")
         OmegaConf.update(cfg, key, value, merge=False)
-    return structured(MethodConfig, cfg, source)
+    return structured(type(base), cfg, source)
 
 
 def load_method(folder: Path, name: str, overrides: dict[str, dict[str, Any]] | None = None,
@@ -409,13 +411,8 @@ class Study:
 
     def search_optim(self, stage: int) -> OptimConfig:
         """The study's student_optim with the stage's keys set (e.g. steps)."""
-        cfg = OmegaConf.structured(self.cfg.student_optim)
-        where = f"search.stages.{stage}.optim"
-        for key, value in self.cfg.search.stages[stage].optim.items():
-            if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-                raise ConfigError(f"{where}: key {key!r} does not exist in student_optim")
-            OmegaConf.update(cfg, key, value, merge=False)
-        return structured(OptimConfig, cfg, where)
+        return with_overrides(self.cfg.student_optim, self.cfg.search.stages[stage].optim,
+                              f"search.stages.{stage}.optim")
 
     def search_files(self, stage: int, candidates: list[str] | None = None) -> list[str]:
         """The metrics.json files a stage ranks, then every file they rest on (as the all* targets list them)."""
