@@ -5,7 +5,7 @@ against a naive one in the same process (a script, not a test). Models are rando
     PYTHONPATH=. python3 benchmarks/paper_scale.py --out paper_scale.md      # GPU, a few minutes
     PYTHONPATH=. python3 benchmarks/paper_scale.py --smoke --out smoke.md    # CPU, tiny configs, seconds
 
-Needs only torch and varkd.models.gpt / varkd.losses / varkd.sampling (no omegaconf).
+Needs only torch and varkd.models.gpt / varkd.losses / varkd.sampling / varkd.decode (no omegaconf).
 
 1. KD step: teacher forward under torch.no_grad on a batch of random sequences, student forward, forward KL
    (teacher || student) over the full vocabulary (varkd.losses), backward, grad-norm clip 1.0, AdamW step.
@@ -15,7 +15,7 @@ Needs only torch and varkd.models.gpt / varkd.losses / varkd.sampling (no omegac
        it outlives --compile-budget (plus a fixed allowance for start-up and timing).
    The batch starts at --kd-batch sequences and halves on CUDA OOM. MFU uses model FLOPs (see `kd_flops`).
 2. Rollouts: class-conditional generation with CFG (conditional + null rows, 2x batch), bf16 weights.
-   (a) kv-cache: varkd.sampling.generate, timed end to end;
+   (a) kv-cache: varkd.decode.generate, timed end to end;
    (b) no-cache: generate's use_cache=False step (a full causal forward over the prefix), timed at
        --naive-points prefix lengths spread over the sequence; the total is the sum over all steps of the linear
        interpolation between them, and for --naive-full models also measured end to end as a check.
@@ -43,8 +43,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from varkd import losses
+from varkd.decode import decoding_labels, generate
 from varkd.models.gpt import GPT, GPTConfig, gpt_config
-from varkd.sampling import cfg_logits, decoding_labels, generate, sample
+from varkd.sampling import cfg_logits, sample
 
 SMOKE_SHARED = dict(vocab_size=512, num_classes=10, block_size=16, multiple_of=32)
 SMOKE_MODELS = {  # stand-ins for the registry sizes under --smoke
@@ -418,7 +419,7 @@ def rollout_report(args, results: dict) -> list[str]:
         f"## 2. Rollouts: class-conditional generation with CFG {args.cfg_scale:g} (2 rows per image), bf16 weights",
         "",
         f"Requested batch {args.rollout_batch} images (halved on OOM); temperature 1, top-k off; default SDPA "
-        "dispatch. kv-cache = varkd.sampling.generate; no-cache = its use_cache=False step (full causal forward "
+        "dispatch. kv-cache = varkd.decode.generate; no-cache = its use_cache=False step (full causal forward "
         "over the prefix every step).",
         "",
         "| model | variant | batch (images) | ms / token step | s / batch | images/s | cache speed-up | peak GiB "

@@ -19,8 +19,9 @@ import time
 import torch
 
 from varkd.checkpoints import load_gpt
+from varkd.decode import generate
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import cfg_logits, filter_logits, generate
+from varkd.sampling import cfg_logits, filter_logits
 from varkd.sjd import INITS, generate_sjd
 
 SHARED = dict(vocab_size=256, num_classes=10, block_size=64, multiple_of=32, dropout_p=0.0, token_dropout_p=0.0)

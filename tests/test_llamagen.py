@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from varkd.checkpoints import import_tokenizer, load_gpt, load_llamagen_gpt, load_llamagen_vq, load_vq
 from varkd.cli import main
 from varkd.config import ImportGPTJob, ImportTokenizerJob, OptimConfig, TermConfig, to_yaml
+from varkd.decode import generate
 from varkd.distill import teacher_logits, term_loss
 from varkd.loop import autocast, make_optimizer
 from varkd.models.gpt import GPT, GPT_models, gpt_config
 from varkd.models.vq import VQConfig, VQModel, vq_config
-from varkd.sampling import generate
 
 KEYS_FILE = Path(__file__).parent / "data" / "backbone-keys.txt"
 SIZES = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"]

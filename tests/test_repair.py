@@ -9,7 +9,8 @@ import torch
 
 from varkd import distill, sources
 from varkd.config import MethodConfig, RolloutConfig, TermConfig
-from varkd.sampling import cfg_logits, generate
+from varkd.decode import generate
+from varkd.sampling import cfg_logits
 from varkd.sjd import generate_sjd
 from tests.conftest import job, resume_after_kill
 from tests.test_sources import random_gpt, step_data

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from varkd import cli
 from varkd.checkpoints import load_gpt, load_vq, save_model
 from varkd.config import GatherSamplesJob, SampleConfig, SampleJob, to_yaml
+from varkd.decode import generate
 from varkd.images import to_uint8
 from varkd.jobs import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_seed
 from varkd.models.vq import VQModel
 from varkd.npz import npz_headers, npz_rows, npz_writer
-from varkd.sampling import generate
 
 from tests.test_sampling import tiny_model
 from tests.test_vq import tiny_config

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from varkd.decode import generate
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import cfg_logits, filter_logits, generate, sample, sample_from_logits
+from varkd.sampling import cfg_logits, filter_logits, sample, sample_from_logits
 
 
 def tiny_model(seed=0, **overrides) -> GPT:

@@ -4,9 +4,10 @@ import itertools
 import pytest
 import torch
 
-import varkd.sjd
+from varkd.decode import generate
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import cfg_logits, filter_logits, generate
+from varkd.sampling import cfg_logits, filter_logits
+import varkd.sjd
 from varkd.sjd import generate_sjd
 
 
@@ -96,14 +97,14 @@ def test_sjd_and_ar_sample_the_exact_sequence_distribution(case):
 
 
 class AcceptEveryDraft:
-    """Stands in for varkd.sjd's `torch` with all acceptance uniforms 0, so every draft with p > 0 is kept."""
+    """Stands in for varkd.sjd's `torch` with all uniforms 0, so every draft with p > 0 is kept."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
-    def rand(shape, generator=None, device=None):
-        return torch.zeros(shape, device=device)
+    def rand(*shape, generator=None, device=None, dtype=None):
+        return torch.zeros(shape, device=device, dtype=dtype)
 
 
 def test_chi_square_rejects_wrong_samplers(monkeypatch):

@@ -10,9 +10,9 @@ from varkd.checkpoints import load_gpt
 from varkd.codes import CodeSet, load_code_set
 from varkd.config import (AdaptiveConfig, MethodConfig, MixtureConfig, PoolJob, RolloutConfig, TeacherLogitsJob,
                           TermConfig)
+from varkd.decode import generate
 from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import generate
 from varkd.sjd import generate_sjd
 from tests.conftest import TINY, job, resume_after_kill
 

@@ -130,6 +130,9 @@ class OptimConfig:
     precision: str = "bf16"  # bf16 autocast (CPU with AMX, or GPU) | fp32
     grad_accum: int = 1  # micro-batches per optimiser step: batch_size is the global batch over ranks and micro-batches
     compile: bool = False  # torch.compile the trained model's forward (paper scale; slow to start on a CPU)
+    # KD step: apply the student's output layer and the loss this many positions at a time, recomputing each chunk in
+    # the backward, so the full [B, T, V] float32 logits never exist (0: the whole micro-batch at once)
+    loss_chunk: int = 0
     checkpoint_every: int = 200
     log_every: int = 25
     eval_every: int = 0  # validation loss every N steps (0: only at the end)
@@ -140,8 +143,8 @@ class OptimConfig:
         _check_choice("precision", self.precision, ("bf16", "fp32"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, eval_every and grad_clip must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.loss_chunk < 0:
+            raise ConfigError("warmup_steps, eval_every, grad_clip and loss_chunk must be >= 0")
 
 
 DIVERGENCES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")  # ce: hard labels; the rest: varkd.losses
@@ -448,7 +451,7 @@ class DiagnoseConfig:
 
     num_sequences: int = 500  # held-out sequences (a seeded subset of the validation set; all if it has fewer)
     batch_size: int = 100  # sequences per forward: bounds memory ([batch, T, V] logits per model)
-    # the student's samples: plain AR decoding (varkd.sampling.generate), unguided and unfiltered by default
+    # the student's samples: plain AR decoding (varkd.decode.generate), unguided and unfiltered by default
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0

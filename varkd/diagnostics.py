@@ -26,11 +26,11 @@ import torch
 from varkd.checkpoints import load_gpt
 from varkd.codes import CodeSet, load_code_set
 from varkd.config import DiagnoseConfig, DiagnoseJob
+from varkd.decode import Decoder, generate
 from varkd.distill import check_codes, load_teacher, teacher_logits
 from varkd.io import atomic_path
 from varkd.losses import kl, log_probs
 from varkd.models.gpt import GPT
-from varkd.sampling import generate
 from varkd.weighting import teacher_entropy
 
 QUANTITIES = ("teacher_nll", "teacher_entropy", "teacher_confidence", "acceptance", "top1_agreement", "forward_kl")
@@ -73,12 +73,12 @@ def context_batches(codes: CodeSet, student: GPT, cfg: DiagnoseConfig, seed: int
                     ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Batch by batch: the labels [b] of held-out rows and each context's sequences [b, T] on `device`: the rows'
     codes (view 0) and the student's samples for their labels, from one generator seeded with `seed`."""
-    generator = torch.Generator(device).manual_seed(seed)
+    generator, decoder = torch.Generator(device).manual_seed(seed), Decoder(student)
     rows = sequence_rows(codes.N, cfg.num_sequences, seed)
     for i in range(0, len(rows), cfg.batch_size):
         index = rows[i : i + cfg.batch_size]
         labels = codes.labels[index].to(device)
-        sampled = generate(student, labels, cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
+        sampled = generate(decoder, labels, cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
                            top_p=cfg.top_p, generator=generator)
         yield labels, {"ground_truth": codes.batch(index).to(device), "student": sampled}
 

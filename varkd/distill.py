@@ -13,16 +13,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from varkd import distributed, losses
 from varkd.checkpoints import load_gpt, save_model
 from varkd.clusters import cluster_logits, load_clusters
 from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
 from varkd.config import PoolJob, TeacherLogitsJob, TermConfig, TrainJob, to_yaml
+from varkd.decode import Decoder, generate
 from varkd.io import atomic_memmap, atomic_save_npz, load_npy, provenance
 from varkd.loop import BatchOrder, Part, autocast, rank_parts, train, training_module
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import generate
 from varkd.sources import Batch, StepData
 from varkd.weighting import token_weights, weighted_mean
 
@@ -112,8 +113,45 @@ def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, targe
               temperature: float, clusters: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
     """One term's scalar loss: hard-label CE on the sequence, or a divergence to the teacher over tokens and/or
     cluster marginals (clusters: the codes in cluster order and their number), weighted per position."""
+    return reduce_term(term, *term_values(term, logits, codes, target, temperature, clusters))
+
+
+def chunked_term_loss(term: TermConfig, hidden: torch.Tensor, output: torch.nn.Linear, codes: torch.Tensor,
+                      target: Optional[torch.Tensor], temperature: float,
+                      clusters: Optional[tuple[torch.Tensor, int]] = None, chunk: int = 4096) -> torch.Tensor:
+    """`term_loss` of the logits output(hidden) ([B, T, dim] -> [B, T, V]), computed about `chunk` positions at a
+    time (whole positions along T). Each chunk's logits and divergence are recomputed in the backward
+    (activation checkpointing), so neither pass holds more than one chunk's [.., V] float32 tensors: the student's
+    logits of a GPT-B batch of 256 x 256 positions are 4 GiB in float32. Same positions, same reduction: the
+    value and gradient of `term_loss` up to float32 rounding."""
+    B, T = codes.shape
+    step = max(1, chunk // B)
+
+    def values(h, x, t):
+        return term_values(term, torch.nn.functional.linear(h, output.weight).float(), x, t, temperature, clusters)
+
+    parts = [torch.utils.checkpoint.checkpoint(values, hidden[:, s : s + step], codes[:, s : s + step],
+                                               None if target is None else target[:, s : s + step],
+                                               use_reentrant=False)
+             for s in range(0, T, step)]
+    per_position = torch.cat([v for v, _ in parts], dim=1)
+    weights = None if parts[0][1] is None else torch.cat([w for _, w in parts], dim=1)
+    return reduce_term(term, per_position, weights)
+
+
+def reduce_term(term: TermConfig, per_position: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """A term's scalar loss from its values and weights per position [B, T] (`term_values`)."""
+    if weights is None:
+        return losses.reduce(per_position)
+    return weighted_mean(per_position, weights, term.weighting.normalize)
+
+
+def term_values(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
+                temperature: float, clusters: Optional[tuple[torch.Tensor, int]] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A term's value per position [B, T] and its weights (None: unweighted), each position on its own."""
     if term.divergence == "ce":
-        return losses.reduce(losses.cross_entropy(logits, codes))
+        return losses.cross_entropy(logits, codes), None
     options = dict(beta=term.beta, alpha=term.alpha, detach_mixture=term.detach_mixture)
     per_position = 0.0
     if term.cluster_weight < 1:
@@ -125,9 +163,8 @@ def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, targe
         marginals = temperature**2 * losses.divergence(term.divergence, student, teacher, **options)
         per_position = per_position + term.cluster_weight * marginals
     if not term.weighting.active:
-        return losses.reduce(per_position)
-    weights = token_weights(term.weighting, logits, target, codes, clusters)
-    return weighted_mean(per_position, weights, term.weighting.normalize)
+        return per_position, None
+    return per_position, token_weights(term.weighting, logits, target, codes, clusters)
 
 
 def load_teacher(path: str, student: GPTConfig, device: torch.device, precision: str = "fp32") -> GPT:
@@ -203,10 +240,13 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
         for i, term in enumerate(kd.terms):
             batch = data(i, step, part)
             x, y = batch.codes.to(device), batch.labels.to(device)
-            logits = student(x[:, :-1], y)
-            data.counts["student_forwards"] += 1
             target = targets(batch, x, y) if term.uses_teacher_logits else None
-            value = term_loss(term, logits, x, target, kd.temperature, clusters)
+            if job.optim.loss_chunk:
+                value = chunked_term_loss(term, student(x[:, :-1], y, head=False), model.output, x, target,
+                                          kd.temperature, clusters, job.optim.loss_chunk)
+            else:
+                value = term_loss(term, student(x[:, :-1], y), x, target, kd.temperature, clusters)
+            data.counts["student_forwards"] += 1
             total = total + term.weight * value
             logs[names[i]] = value.item()
         return total, {**logs, **data.counts, **data.logs(step)}
@@ -284,8 +324,8 @@ def sample_pool(job: PoolJob, device: torch.device = torch.device("cpu")) -> Non
 
 def _pool_samples(model: GPT, labels: torch.Tensor, job: PoolJob, seed: int, device: torch.device):
     """The model's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
-    r, generator = job.rollout, torch.Generator(device).manual_seed(seed)
+    r, generator, decoder = job.rollout, torch.Generator(device).manual_seed(seed), Decoder(model)
     for i in range(0, len(labels), job.batch_size):
         y = labels[i : i + job.batch_size].to(device)
-        yield i, generate(model, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
+        yield i, generate(decoder, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
                           top_p=r.top_p, generator=generator), y

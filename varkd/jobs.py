@@ -16,6 +16,7 @@ from varkd.codes import load_code_set, save_code_set
 from varkd.config import (ClassifierJob, EvaluateConfig, EvaluateJob, ExtractCodesJob, GatherSamplesJob, NoiseFloorJob,
                           PrepareDataJob, SampleConfig, SampleJob, TokenizerJob, to_yaml)
 from varkd.data import SPLITS, load_digits, read_split, save_splits
+from varkd.decode import Decoder, generate
 from varkd.distill import check_codes, heldout_nll
 from varkd.images import to_model_input
 from varkd.io import atomic_path, atomic_save_npz, atomic_write_json, load_npz, provenance, reading
@@ -23,7 +24,6 @@ from varkd.loop import BatchOrder, train
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
 from varkd.npz import npz_headers, npz_writer
-from varkd.sampling import generate
 from varkd.tokenizer import reconstruction_mse, tokenizer_loss
 
 
@@ -144,9 +144,9 @@ def draw_images(model: GPT, vq: VQModel, labels: np.ndarray, cfg: SampleConfig, 
                 device: torch.device) -> np.ndarray:
     """Plain AR samples (KV cache, CFG) of `labels`, decoded to uint8 NHWC; sample.resize_to > 0 resizes them bicubic
     before the uint8 conversion (VQModel.decode_to_uint8)."""
-    generator, images = torch.Generator(device).manual_seed(seed), []
+    generator, images, decoder = torch.Generator(device).manual_seed(seed), [], Decoder(model)
     for i in range(0, len(labels), cfg.batch_size):
-        codes = generate(model, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg_scale=cfg.cfg_scale,
+        codes = generate(decoder, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg_scale=cfg.cfg_scale,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
         images.append(vq.decode_to_uint8(codes, size=cfg.resize_to).numpy())
     return np.concatenate(images)

@@ -1,11 +1,13 @@
-"""Batched class-conditional generation for the LlamaGen GPT, following LlamaGen's generate.py.
+"""How a sampler turns next-token logits into a token, following LlamaGen's generate.py.
 
-Order of operations per step (as LlamaGen): classifier-free guidance on the raw logits, then temperature, top-k,
-top-p, softmax and a categorical draw. With CFG the conditional and null-class halves run as one batch of 2B
-(conditional first) and the sampled token is shared by both halves.
+Order of operations (as LlamaGen): classifier-free guidance on the raw logits, then temperature, top-k, top-p,
+softmax and a categorical draw. With CFG the conditional and null-class halves run as one batch of 2B
+(conditional first) and the sampled token is shared by both halves. The decoders (`varkd.decode`, `varkd.sjd`)
+call these functions on the device, with uniforms they drew in advance.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,23 +43,51 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a sampler turns logits into a token: CFG scale, then temperature (0 = greedy), top-k, top-p."""
+
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one token per row of probs [..., V] (any scale) with the uniforms u [...] -> [...].
+
+    Float64 cumulative sums; the same distribution as torch.multinomial, without its host sync (and on the CPU ~1 ms
+    per call for [64, 256]). A token with zero probability is never drawn: u * total can round up to the total
+    (probability ~2^-53) and land on a zero-probability tail, which takes the mode instead.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    index = torch.searchsorted(cdf, u[..., None].double() * cdf[..., -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+    return torch.where(probs.gather(-1, index) > 0, index, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+def pick(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The token [B] of logits [B or 2B, V] ([cond; null] rows when guided) drawn with the uniforms u [B]."""
+    if sampling.guided:
+        B = u.shape[0]
+        logits = cfg_logits(logits[:B], logits[B:], sampling.cfg_scale)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    return draw(filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(dim=-1), u)
+
+
 def sample_from_logits(
     logits: torch.Tensor, generator: Optional[torch.Generator] = None, greedy: bool = False
 ) -> torch.Tensor:
-    """One token per row of logits [B, V] -> LongTensor [B]: a softmax draw, or argmax if greedy.
-
-    The draw inverts the CDF with one uniform per row (float64 cumulative sums): the same distribution as
-    torch.multinomial, which on the CPU costs ~1 ms per call for [64, 256] and dominated small-model rollouts.
-    A token with zero probability is never drawn.
-    """
+    """One token per row of logits [B, V] -> LongTensor [B]: a softmax draw (`draw`, one uniform per row from
+    `generator`), or argmax if greedy."""
     if greedy:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=cdf.device, generator=generator)
-    index = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=probs.shape[-1] - 1)
-    # u * total can round up to the total (probability ~2^-53) and land on a zero-probability tail: take the mode
-    return torch.where(probs.gather(-1, index) > 0, index, probs.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    u = torch.rand(logits.shape[:-1], dtype=torch.float64, device=logits.device, generator=generator)
+    return draw(torch.softmax(logits.float(), dim=-1), u)
 
 
 def sample(
@@ -71,100 +101,3 @@ def sample(
     if temperature == 0:
         return sample_from_logits(logits, greedy=True)
     return sample_from_logits(filter_logits(logits, temperature, top_k, top_p), generator)
-
-
-def decoding_labels(model, cond_idx: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, int]:
-    """The labels of one decoding batch on the model's device, and B: [cond; null] (2B rows) if cfg_scale != 1."""
-    cfg = model.config
-    cond_idx = torch.as_tensor(cond_idx, dtype=torch.long, device=model.tok_embeddings.weight.device).reshape(-1)
-    B = cond_idx.shape[0]
-    if cfg_scale == 1.0:
-        return cond_idx, B
-    if model.cls_embedding.embedding_table.num_embeddings <= cfg.num_classes:
-        raise ValueError("cfg_scale != 1 needs the null-class row (class_dropout_prob > 0)")
-    return torch.cat([cond_idx, torch.full_like(cond_idx, cfg.num_classes)]), B
-
-
-def forced_positions(prefix: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor], B: int, T: int,
-                     device: torch.device) -> Optional[torch.Tensor]:
-    """The mask [B, T] of the positions whose token `generate` takes from `prefix` (None without a prefix)."""
-    if (prefix is None) != (prefix_len is None):
-        raise ValueError("prefix and prefix_len go together")
-    if prefix is None:
-        return None
-    if prefix.shape != (B, T) or prefix_len.shape != (B,):
-        raise ValueError(f"prefix {tuple(prefix.shape)} and prefix_len {tuple(prefix_len.shape)}: expected "
-                         f"({B}, {T}) and ({B},)")
-    if int(prefix_len.min()) < 0 or int(prefix_len.max()) > T:
-        raise ValueError(f"prefix_len must be in [0, {T}]")
-    return torch.arange(T, device=device)[None, :] < prefix_len.to(device)[:, None]
-
-
-@torch.no_grad()
-def generate(
-    model,
-    cond_idx: torch.Tensor,
-    *,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    use_cache: bool = True,
-    prefix: Optional[torch.Tensor] = None,
-    prefix_len: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Sample block_size image tokens per label -> LongTensor [B, T] in raster order.
-
-    cond_idx: [B] class ids (num_classes is the null class). cfg_scale != 1 runs [cond; null] as one batch of 2B.
-    temperature == 0 is greedy decoding. use_cache=False recomputes the whole prefix with the teacher-forced
-    forward at every step (slow; the reference for the KV cache). The model is in eval mode for the call and its
-    previous mode is restored afterwards; KV caches are sized to this batch and cleared on exit.
-
-    prefix [B, T] with prefix_len [B] (0..T) forces a start: row b takes prefix[b, n] at n < prefix_len[b] and
-    samples the rest given it (a teacher continuing a student's prefix). The positions every row forces,
-    n < min(prefix_len), run as one forward and draw no random numbers; the other steps draw for all rows.
-    """
-    cfg = model.config
-    T = cfg.block_size
-    cond_idx, B = decoding_labels(model, cond_idx, cfg_scale)
-    device, guided = cond_idx.device, cfg_scale != 1.0
-    forced = forced_positions(prefix, prefix_len, B, T, device)
-    start = 0  # the first step that samples
-    if forced is not None:
-        prefix, start = prefix.to(device), int(prefix_len.min())
-
-    def next_token(logits: torch.Tensor, n: int) -> torch.Tensor:  # logits [B or 2B, V] -> token n [B]
-        if guided:
-            logits = cfg_logits(logits[:B], logits[B:], cfg_scale)
-        token = sample(logits, temperature, top_k, top_p, generator)
-        return token if forced is None else torch.where(forced[:, n], prefix[:, n], token)
-
-    was_training = model.training
-    model.eval()
-    seq = torch.empty(B, T, dtype=torch.long, device=device)
-    if forced is not None:
-        seq[:, :start] = prefix[:, :start]
-    try:
-        if not use_cache:
-            for n in range(start, T):
-                x = seq[:, :n]
-                x = torch.cat([x, x]) if guided else x
-                seq[:, n] = next_token(model(x, cond_idx)[:, -1], n)
-        elif start < T:
-            n_cls = cfg.cls_token_num
-            model.setup_caches(max_batch_size=cond_idx.shape[0], max_seq_length=n_cls + T - 1)
-            x = seq[:, :start]
-            x = torch.cat([x, x]) if guided else x
-            logits = model(x, cond_idx, input_pos=torch.arange(n_cls + start, device=device))
-            seq[:, start] = next_token(logits[:, -1], start)
-            for n in range(start + 1, T):
-                x = seq[:, n - 1 : n]
-                x = torch.cat([x, x]) if guided else x
-                logits = model(x, None, input_pos=torch.tensor([n_cls + n - 1], device=device))
-                seq[:, n] = next_token(logits[:, -1], n)
-    finally:
-        if use_cache:
-            model.clear_caches()
-        model.train(was_training)
-    return seq

@@ -31,9 +31,9 @@ import torch
 from varkd import distributed
 from varkd.codes import CodeSet
 from varkd.config import MethodConfig
+from varkd.decode import Decoder, generate
 from varkd.loop import WHOLE, BatchOrder, Part, autocast
 from varkd.models.gpt import GPT
-from varkd.sampling import generate
 from varkd.schedules import AdaptiveSchedule, OnPolicyMixture, ReplayBuffer
 from varkd.sjd import generate_sjd
 
@@ -80,19 +80,20 @@ def first_rejection(student: GPT, teacher: GPT, codes: torch.Tensor, labels: tor
 
 def repair(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, threshold: float, *,
            cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+           generator: Optional[torch.Generator] = None, precision: str = "bf16",
+           decoder: Optional[Decoder] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative KD's repair of the student's samples codes [B, T] (labels [B], on the models' device): each
     sequence keeps the student's tokens before its first rejection (`first_rejection`) and the teacher samples that
     position and the rest itself (`generate` from the forced prefix, with these settings), so the student is
     supervised on its own context only as far as the teacher would accept it.
 
     Returns (repaired codes [B, T], first rejection [B] long, T where none: that row is unchanged). Only the rows
-    with a rejection are decoded by the teacher."""
+    with a rejection are decoded by the teacher (with `decoder`, the teacher's Decoder, when one is kept)."""
     first = first_rejection(student, teacher, codes, labels, threshold, precision)
     repaired = codes.clone()
     rows = first < codes.shape[1]
     if rows.any():
-        repaired[rows] = generate(teacher, labels[rows], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+        repaired[rows] = generate(decoder or teacher, labels[rows], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                                   top_p=top_p, generator=generator, prefix=codes[rows], prefix_len=first[rows])
     return repaired, first
 
@@ -130,6 +131,7 @@ class StepData:
         # were student samples (fresh or replayed): counted once per step and term, the same in every part and rank
         self.chosen = {"rows": 0, "student_rows": 0}
         self._chosen_at: dict[int, int] = {}  # term -> the last step counted
+        self._decoders: dict[int, Decoder] = {}
 
     def __call__(self, term_index: int, step: int, part: Part = WHOLE) -> Batch:
         term = self.method.terms[term_index]
@@ -154,6 +156,13 @@ class StepData:
             return Batch(pool.batch(index), pool.labels[index], index, f"{source}_pool")
         return self.rollout(self.student if source == "student" else self.teacher, index, part_rng, generator)
 
+    def decoder(self, model: GPT) -> Decoder:
+        """The model's Decoder, kept for the run: made at the first rollout, inside the step's autocast, so a bf16
+        run decodes with bf16 copies of the weights (refreshed from the model at every rollout)."""
+        if id(model) not in self._decoders:
+            self._decoders[id(model)] = Decoder(model)
+        return self._decoders[id(model)]
+
     def ground_truth(self, index: np.ndarray, rng: np.random.Generator) -> Batch:
         """The rows' codes, one view per row drawn with `rng` where the code set holds several."""
         views = rng.integers(self.codes.A, size=len(index)) if self.codes.A > 1 else np.zeros(len(index), np.int64)
@@ -168,10 +177,11 @@ class StepData:
         options = dict(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                        generator=generator)
         if r.sampler == "sjd":
-            codes, stats = generate_sjd(model, labels.to(self.device), window=r.window, init=r.init, **options)
-            self.counts["rollout_steps"] += stats["iterations"]
+            codes, stats = generate_sjd(self.decoder(model), labels.to(self.device), window=r.window, init=r.init,
+                                        **options)
+            self.counts["rollout_steps"] += stats["forwards"]
         else:
-            codes = generate(model, labels.to(self.device), **options)
+            codes = generate(self.decoder(model), labels.to(self.device), **options)
             self.counts["rollout_steps"] += codes.shape[1]
         self.counts["rollouts"] += 1
         self.counts["rollout_tokens"] += codes.numel()
@@ -187,7 +197,7 @@ class StepData:
         r, T = self.method.rollout, batch.codes.shape[1]
         codes, first = repair(self.student, self.teacher, batch.codes.to(self.device), batch.labels.to(self.device),
                               r.repair_threshold, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
-                              top_p=r.top_p, generator=generator)
+                              top_p=r.top_p, generator=generator, decoder=self.decoder(self.teacher))
         self.counts["teacher_forwards"] += 1
         self.counts["rollout_steps"] += T - int(first.min())
         self.counts["repaired_rows"] += int((first < T).sum())

@@ -129,9 +129,10 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000.0
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) in fp32. x: [B, L, H, head_dim]; freqs_cis: [L, head_dim/2, 2]."""
+    """Rotate interleaved pairs (x[2k], x[2k+1]) in fp32. x: [B, L, H, head_dim]; freqs_cis: [L, head_dim/2, 2], or
+    [B, L, head_dim/2, 2] when each row sits at its own positions."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    fc = freqs_cis.reshape(-1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack(
         [
             xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
@@ -174,7 +175,11 @@ class FeedForward(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Per-layer key/value store [max_batch, n_head, max_seq, head_dim]; non-persistent, so never in state_dict."""
+    """Per-layer key/value store [max_batch, n_head, max_seq, head_dim]; non-persistent, so never in state_dict.
+
+    Allocated once and written in place (no reallocation, no host sync), so a decoding step can be captured as a
+    CUDA graph. Slots a query may not see are masked by the caller, so stale slots from an earlier batch are
+    harmless as long as they are finite (`varkd.decode.Decoder` zeroes the cache between batches)."""
 
     def __init__(self, max_batch_size: int, max_seq_length: int, n_head: int, head_dim: int, dtype, device=None):
         super().__init__()
@@ -183,13 +188,19 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k, v [B, H, L, D] at input_pos [L]; return the first kv_len slots of this batch's cache."""
+        """Write k, v [B, H, L, D] at input_pos ([L], or [B, L] per row); return this batch's first kv_len slots."""
         b = k.shape[0]
         if b > self.k_cache.shape[0]:
             raise RuntimeError(f"batch {b} exceeds the KV cache batch {self.k_cache.shape[0]}; call setup_caches")
-        self.k_cache[:b, :, input_pos] = k.to(self.k_cache.dtype)
-        self.v_cache[:b, :, input_pos] = v.to(self.v_cache.dtype)
-        return self.k_cache[:b, :, :kv_len].to(k.dtype), self.v_cache[:b, :, :kv_len].to(v.dtype)
+        k_cache, v_cache = self.k_cache[:b], self.v_cache[:b]
+        if input_pos.dim() == 1:
+            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        else:
+            slots = input_pos[:, None, :, None].expand(k.shape)
+            k_cache.scatter_(2, slots, k.to(k_cache.dtype))
+            v_cache.scatter_(2, slots, v.to(v_cache.dtype))
+        return k_cache[:, :, :kv_len].to(k.dtype), v_cache[:, :, :kv_len].to(v.dtype)
 
 
 class Attention(nn.Module):
@@ -205,7 +216,8 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, input_pos=None, mask=None):
         """input_pos None: causal self-attention over x. Otherwise x sits at input_pos, its k/v go into the cache
-        and the queries attend to the first mask.size(-1) cached slots under the boolean mask [L, kv_len]."""
+        and the queries attend to the first mask.size(-1) cached slots under the boolean mask ([L, kv_len], or
+        [B, 1, L, kv_len] with per-row positions)."""
         B, L, _ = x.shape
         q, k, v = self.wqkv(x).split(self.dim, dim=-1)
         q = apply_rotary_emb(q.view(B, L, self.n_head, self.head_dim), freqs_cis)
@@ -285,12 +297,14 @@ class GPT(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_length: Optional[int] = None, dtype=None):
         """Allocate per-layer KV caches (default length cls + T - 1, enough to generate T tokens).
 
-        Unlike LlamaGen the length is not padded to a multiple of 8; the caches are non-persistent buffers.
+        Unlike LlamaGen the length is not padded to a multiple of 8; the caches are non-persistent buffers. A longer
+        cache is allowed: slots past the last grid position are scratch space (`varkd.sjd` parks finished rows'
+        windows there), their rotary angles those of the last position.
         """
         if max_seq_length is None:
             max_seq_length = self.config.cls_token_num + self.config.block_size - 1
-        if not 0 < max_seq_length <= self.max_seq_length:
-            raise ValueError(f"max_seq_length={max_seq_length} must be in [1, {self.max_seq_length}]")
+        if max_seq_length <= 0:
+            raise ValueError(f"max_seq_length={max_seq_length} must be >= 1")
         w = self.tok_embeddings.weight
         dtype = w.dtype if dtype is None else dtype
         for layer in self.layers:
@@ -317,15 +331,20 @@ class GPT(nn.Module):
         idx: Optional[torch.Tensor],
         cond_idx: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Float32 logits [B, L, vocab] for the input sequence [cls(cond_idx)?; tok(idx)?] of length L.
+        """Float32 logits [B, L, vocab] for the input sequence [cls(cond_idx)?; tok(idx)?] of length L; with
+        head=False the final-norm hidden states [B, L, dim] instead (a loss then applies `output` chunk by chunk,
+        `varkd.distill.chunked_term_loss`, and never holds the whole [B, L, vocab] logits).
 
         Teacher-forced (input_pos None, no cache use): cond_idx [B] is required and starts the sequence at
         position 0; idx [B, n] (n <= T-1; None or n = 0 allowed) are x_0..x_{n-1}. logits[:, m] predicts x_m.
-        Cached decoding (input_pos [L] LongTensor, setup_caches done): the sequence sits at positions input_pos
-        (increasing) and attends to everything cached before it. Prefill: forward(None, cond, tensor([0]))
-        (optionally with a token prefix idx and input_pos = arange(1 + n)); step: forward(x[B, 1], None, tensor([p])),
-        where x is image token p-1.
+        Cached decoding (input_pos [L] or per row [B, L] LongTensor, setup_caches done): the sequence sits at
+        positions input_pos (increasing) and attends to every cached slot at or before its position among the first
+        kv_len slots (default: the whole cache; the caller keeps input_pos < kv_len, unchecked so that a step never
+        waits for the device). Prefill: forward(None, cond, tensor([0])) (optionally with a token prefix idx and
+        input_pos = arange(1 + n)); step: forward(x[B, 1], None, tensor([p])), where x is image token p-1.
         """
         parts = []
         if cond_idx is not None:
@@ -347,14 +366,16 @@ class GPT(nn.Module):
         else:
             if not self.has_caches:
                 raise RuntimeError("input_pos given but no KV caches: call setup_caches() first")
-            if input_pos.shape != (L,):
-                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({L},)")
-            kv_len = int(input_pos.max()) + 1
-            if kv_len > self.layers[0].attention.kv_cache.k_cache.shape[2]:
-                raise ValueError(f"position {kv_len - 1} is beyond the KV cache length")
-            freqs_cis = rope[input_pos]
-            mask = input_pos[:, None] >= torch.arange(kv_len, device=h.device)[None, :]  # [L, kv_len]
+            if input_pos.shape[-1] != L or input_pos.dim() not in (1, 2):
+                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({L},) or (B, {L})")
+            if kv_len is None:
+                kv_len = self.layers[0].attention.kv_cache.k_cache.shape[2]
+            freqs_cis = rope[input_pos.clamp(max=rope.shape[0] - 1)]  # past the grid: scratch slots only
+            mask = input_pos[..., :, None] >= torch.arange(kv_len, device=h.device)  # [(B,) L, kv_len]
+            if input_pos.dim() == 2:
+                mask = mask[:, None]  # [B, 1, L, kv_len]: broadcast over heads
 
         for layer in self.layers:
             h = layer(h, freqs_cis, input_pos, mask)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        return self.output(h).float() if head else h
