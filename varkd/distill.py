@@ -49,12 +49,13 @@ class TeacherTargets:
     Caches: ground_truth [N, A, 2, T, V] (every view of every training image, under its class and the null class),
     teacher_pool [N, T, V]
     (each pool sequence under the label it was sampled with). Student pools, mixed batches and fresh samples have
-    none: the teacher scores them live.
+    none: the teacher scores them live, compiled with the student when `compile` (optim.compile).
     """
 
     def __init__(self, teacher: Optional[GPT], caches: dict[str, Optional[str]], codes: CodeSet, null_class: int,
-                 counts: Optional[dict] = None):
+                 counts: Optional[dict] = None, compile: bool = False):
         self.teacher, self.null_class = teacher, null_class
+        self.scorer = torch.compile(teacher) if compile and teacher is not None else teacher
         self.counts = {} if counts is None else counts  # teacher_forwards, checkpointed with the run's counts
         self.caches = {}
         for name, path in caches.items():
@@ -82,7 +83,7 @@ class TeacherTargets:
         if self.teacher is None:
             raise ValueError("this batch needs live teacher logits but the job has no teacher checkpoint")
         self.counts["teacher_forwards"] = self.counts.get("teacher_forwards", 0) + 1
-        return teacher_logits(self.teacher, codes, labels)
+        return teacher_logits(self.scorer, codes, labels)
 
 
 def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
@@ -224,7 +225,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
                     teacher_pool=pool, student_pool=student_pool)
     pool_logits = f"{job.teacher_pool}/logits.npy" if pool is not None and job.pool_logits else None
     caches = {"ground_truth": job.teacher_logits, "teacher_pool": pool_logits}
-    targets = TeacherTargets(teacher, caches, codes, job.model.num_classes, data.counts)
+    targets = TeacherTargets(teacher, caches, codes, job.model.num_classes, data.counts, job.optim.compile)
     clusters = None
     if kd.uses_clusters:
         if job.clusters is None:
