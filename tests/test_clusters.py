@@ -14,8 +14,7 @@ from varkd.losses import divergence, forward_kl
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
 from varkd.study import Study
-from tests.conftest import TINY
-from tests.test_vq import tiny_config
+from tests.helpers import TINY, tiny_config
 
 
 def test_balanced_kmeans_gives_equal_sizes_and_finds_separated_groups():

@@ -16,8 +16,7 @@ from varkd.data import SPLITS, Split, center_crop_arr, save_splits
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
-from tests.conftest import TINY, job
-from tests.test_vq import tiny_config
+from tests.helpers import TINY, job, tiny_config
 
 SIZE = 32  # tiny_config: 32x32 -> 8x8 codes
 # class folder -> (mode, width, height, extension) of its images; created unsorted, some greyscale, one CMYK

@@ -11,7 +11,7 @@ from varkd import cli
 from varkd.config import (ConfigError, MethodConfig, TermConfig, TrainJob, WeightingConfig, load_job, structured,
                           to_yaml)
 from varkd.study import Study
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_embedded_study_resolves(study_dict):

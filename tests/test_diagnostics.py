@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 from varkd import cli, tables
 from varkd.checkpoints import load_gpt, save_model
 from varkd.codes import load_code_set, save_code_set

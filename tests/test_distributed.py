@@ -16,7 +16,7 @@ from varkd import cli, distill, distributed
 from varkd.config import ConfigError, OptimConfig, to_yaml
 from varkd.models.gpt import GPTConfig
 
-from tests.conftest import DETERMINISTIC, REPO, job
+from tests.helpers import DETERMINISTIC, REPO, job
 
 STILL = GPTConfig(**DETERMINISTIC)
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",

@@ -16,8 +16,7 @@ from varkd.jobs import NOISE_STREAM, draw_images, evaluate, noise_floor, sample_
 from varkd.metrics import compute_metrics
 from varkd.models.vq import VQModel
 
-from tests.test_sampling import tiny_model
-from tests.test_vq import tiny_config
+from tests.helpers import tiny_config, tiny_model
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 from varkd import executor
 from varkd.executor import ExecutorSettings, JobCommand, RequeueLimitError, job_parameters, parse_key_values
 
-from tests.test_workflow import MINIATURE, merge, snakemake
+from tests.helpers import MINIATURE, merge, snakemake
 
 
 def fake_job(**resources):

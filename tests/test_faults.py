@@ -24,8 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, job
-from tests.test_workflow import make_miniature, snakemake
+from tests.helpers import REPO, job, make_miniature, snakemake
 from varkd import io
 from varkd.config import ConfigError, GatherSamplesJob, load_yaml, to_yaml
 from varkd.study import Study

@@ -7,7 +7,6 @@ The GPT-B- and VQ-16-sized tests are marked slow (CI runs them): about 20 s toge
 """
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,28 +21,12 @@ from varkd.loop import autocast, make_optimizer
 from varkd.models.gpt import GPT, GPT_models, gpt_config
 from varkd.models.vq import VQConfig, VQModel, vq_config
 
-KEYS_FILE = Path(__file__).parent / "data" / "backbone-keys.txt"
+from tests.helpers import KEYS_FILE, parse_shapes, random_state, save, section, vq16_shapes
+
 SIZES = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-3B"]
 
 
 # --- the reference key lists ---------------------------------------------------------------------------------------
-def section(title: str) -> list[str]:
-    """The lines after the header line that starts with `== title`, up to the next header."""
-    lines = KEYS_FILE.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"== {title}"))
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("==")), len(lines))
-    return lines[start + 1 : end]
-
-
-def parse_shapes(lines: list[str]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in lines:
-        m = re.fullmatch(r"\s+(\S+): \[([\d, ]*)\]", line)
-        if m:
-            shapes[m.group(1)] = tuple(int(s) for s in m.group(2).split(","))
-    return shapes
-
-
 def gpt_sizes() -> dict[str, dict[str, int]]:
     """{"GPT-B": {"n_layer": 12, ..., "params": 110888448}, ...} from the config lines of the key file."""
     return {name: {k: int(v.replace(",", "")) for k, v in re.findall(r"(\w+)=([\d,]+)", rest)}
@@ -65,24 +48,6 @@ def official_gpt_shapes(name: str) -> dict[str, tuple[int, ...]]:
         else:
             shapes[key] = shape
     return shapes
-
-
-def vq16_shapes() -> dict[str, tuple[int, ...]]:
-    return parse_shapes(section("LlamaGen VQ-16 state_dict"))
-
-
-def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Real values in the file layout: matrices N(0, 1/fan_in), norm scales 1, biases 0, usage buffer 0."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith(".bias") or key == "quantize.codebook_used":
-            state[key] = torch.zeros(shape)
-        elif len(shape) == 1:
-            state[key] = torch.ones(shape)
-        else:
-            state[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-    return state
 
 
 def placeholder_state(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -123,11 +88,6 @@ def test_vq_registry_matches_the_official_layout(name, params):
 
 
 # --- loader errors (placeholder files: keys and shapes only) ----------------------------------------------------
-def save(path: Path, state: dict, layout: str = "model") -> Path:
-    torch.save(state if layout == "bare" else {layout: state}, path)
-    return path
-
-
 def test_missing_files_say_where_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"c2i_B_256\.pt does not exist.*FoundationVision/LlamaGen"
                                                 r"/resolve/main/c2i_B_256\.pt"):

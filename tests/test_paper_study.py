@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_workflow import snakemake
+from tests.helpers import random_state, save, snakemake, vq16_shapes
 from varkd.config import ConfigError, GatherSamplesJob, ImportGPTJob, ImportTokenizerJob, SampleJob, TrainJob
 from varkd.study import Study
 
@@ -159,7 +159,6 @@ def test_workflow_extracts_imagenet_codes_in_shards(presets, tmp_path, monkeypat
     import numpy as np
     from PIL import Image
 
-    from tests.test_llamagen import random_state, save, vq16_shapes
     from varkd.codes import load_code_set
 
     data = tmp_path / "paper-data"

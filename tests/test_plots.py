@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, assert_summary_matches_metrics_files
+from tests.helpers import REPO, assert_summary_matches_metrics_files
 from varkd import cli, diagnostics, plots, study, tables
 from varkd.io import atomic_save_npz
 

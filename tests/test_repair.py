@@ -12,8 +12,7 @@ from varkd.config import MethodConfig, RolloutConfig, TermConfig
 from varkd.decode import generate
 from varkd.sampling import cfg_logits
 from varkd.sjd import generate_sjd
-from tests.conftest import job, resume_after_kill
-from tests.test_sources import random_gpt, step_data
+from tests.helpers import job, random_gpt, resume_after_kill, step_data
 
 T, NULL = 16, 3  # TINY's block_size and null class
 

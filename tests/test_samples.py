@@ -15,8 +15,7 @@ from varkd.jobs import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_s
 from varkd.models.vq import VQModel
 from varkd.npz import npz_headers, npz_rows, npz_writer
 
-from tests.test_sampling import tiny_model
-from tests.test_vq import tiny_config
+from tests.helpers import tiny_config, tiny_model
 
 CPU = torch.device("cpu")
 

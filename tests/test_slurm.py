@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_workflow import MINI_BACKBONE, MINIATURE, merge, snakemake
+from tests.helpers import MINI_BACKBONE, MINIATURE, REPO, merge, snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from varkd.config import ConfigError, OptimConfig, TeacherLogitsJob
 from varkd.loop import BatchOrder, Interrupted, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
 
-from tests.conftest import DETERMINISTIC, TINY, job
+from tests.helpers import DETERMINISTIC, TINY, job
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -8,17 +8,9 @@ import torch.nn.functional as F
 from varkd.models.vq import VQConfig, VQModel
 from varkd.tokenizer import reconstruction_mse, tokenizer_loss
 
-from tests.test_llamagen import vq16_shapes
+from tests.helpers import tiny_config, vq16_shapes
 
 VQ16_PARAMS = 71_883_403
-
-
-def tiny_config(**overrides) -> VQConfig:
-    """32x32 -> 8x8 tokens, the embedded study's shape, small enough for CPU tests."""
-    kw = dict(codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2],
-              z_channels=16, ch=8, num_res_blocks=1, norm_groups=4)
-    kw.update(overrides)
-    return VQConfig(**kw)
 
 
 def test_vq16_state_dict_matches_llamagen():

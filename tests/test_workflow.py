@@ -5,7 +5,6 @@ checks the wiring (every output appears, the table is filled), the rerun rules, 
 notebooks on its results, not the numbers.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,45 +16,8 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from tests.conftest import REPO, assert_summary_matches_metrics_files
+from tests.helpers import REPO, assert_summary_matches_metrics_files, merge, snakemake
 from varkd.study import FIGURES
-
-MINIATURE = {
-    "data": {"val_per_class": 5, "test_per_class": 10},
-    "tokenizer": {"model": {"ch": 8, "z_channels": 16, "norm_groups": 4}, "min_codebook_usage": 0.02,  # 30 steps
-                  "optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
-    "classifier": {"optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10}},
-    "backbones": ["tiny"],
-    "seeds": [0],
-    "student_optim": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
-    "student_pretrain": {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 0},
-    "sample": {"num_samples": 20, "val_num_samples": 20, "batch_size": 20},
-    "evaluate": {"isc_splits": 2, "noise_seeds": 2},
-}
-MINI_BACKBONE = {"teacher": {"dim": 32, "n_layer": 1, "n_head": 2}, "student": {"dim": 16, "n_layer": 1, "n_head": 2},
-                 "teacher_optim": {"steps": 30, "checkpoint_every": 10, "log_every": 10, "eval_every": 0}}
-
-
-def merge(base: dict, over: dict) -> dict:
-    return {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-            for k, v in {**base, **over}.items()}
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True, umask: int | None = None, background: bool = False):
-    """Snakemake on the workflow in `workdir` (under `umask` if given); a Popen in its own session (so that a
-    Ctrl-C can reach its whole process group) when `background`."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args]
-    options = dict(text=True, env=env, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                **options)
-    result = subprocess.run(cmd, capture_output=True, timeout=900, **options)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
 
 def jobs_to_run(workdir: Path) -> dict[str, int]:
     """Rule -> count of the jobs a dry run of `all` would execute."""
@@ -159,15 +121,6 @@ def test_bad_config_fails_before_any_job(presets):
     result = snakemake(presets.parent, "-n", "all", check=False)
     assert result.returncode != 0
     assert "temprature" in result.stdout + result.stderr
-
-
-def make_miniature(presets: Path) -> dict:
-    """Turn the editable copy of config/ into the miniature study; returns the study dict."""
-    study = merge(yaml.safe_load((presets / "config.yaml").read_text()), MINIATURE)
-    (presets / "config.yaml").write_text(yaml.safe_dump(study))
-    backbone = presets / "backbones" / "tiny.yaml"
-    backbone.write_text(yaml.safe_dump(merge(yaml.safe_load(backbone.read_text()), MINI_BACKBONE)))
-    return study
 
 
 @pytest.mark.slow
