@@ -1,9 +1,10 @@
-# The two commands of the README. Each creates .venv from pyproject.toml on first use.
+# The two commands of the README (and test-fast, its developer section's). Each creates .venv from pyproject.toml
+# on first use.
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: study test
+.PHONY: study test test-fast
 
 $(BIN)/.installed: pyproject.toml workflow/executor/pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,3 +18,7 @@ study: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" pytest
+
+# Everything but the tests marked slow (end-to-end and model-sized ones; CI runs all): under 3 min on 2 cores.
+test-fast: $(BIN)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" pytest -m "not slow"

@@ -95,6 +95,7 @@ def test_cli_help_imports_no_torch_and_every_command_resolves():
         assert dataclasses.is_dataclass(schema) and callable(run), name
 
 
+@pytest.mark.slow
 def test_to_yaml_is_stable(study_dict):
     a, b = Study.load(study_dict), Study.load(study_dict)
     assert all(to_yaml(a.jobs[k]) == to_yaml(b.jobs[k]) for k in a.jobs)
@@ -143,6 +144,7 @@ def test_every_method_preset_is_a_valid_point_and_gets_the_teacher_it_needs(stud
                 assert f"{pool}/config.yaml" in study.jobs and f"{pool}/codes.npy" in job.inputs()
 
 
+@pytest.mark.slow
 def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
     """One pool per teacher and rollout settings: shared across seeds and backbones, separate per settings."""
     (presets / "methods" / "seqkd_cold.yaml").write_text(
@@ -166,6 +168,7 @@ def test_teacher_pools_are_shared_by_rollout_settings(study_dict, presets):
             == study.jobs["results/embedded/tiny/seqkd_sjd/seed0/config.yaml"].teacher_pool)
 
 
+@pytest.mark.slow
 def test_seqkd_pool_follows_the_studys_evaluation_sampling_of_its_teacher(study_dict, presets):
     """rollout.eval_sampling: the teacher pool is drawn as the teacher is evaluated (the study's sample section and
     the teacher's backbone CFG scale), so changing those changes the pool; the preset's own settings do not."""
@@ -203,6 +206,7 @@ def test_seqkd_pool_follows_the_studys_evaluation_sampling_of_its_teacher(study_
         Study.load({**study_dict, "sample": {**sample, "temperature": 0.0}})
 
 
+@pytest.mark.slow
 def test_student_pool_is_drawn_once_from_each_backbones_init_and_shared_by_seeds(study_dict):
     """DistiLLM-2's offline student responses: one pool job per backbone, from its student init, with the method's
     rollout settings and no logits, read by every seed; the teacher scores it live."""
@@ -246,6 +250,7 @@ def test_imitkd_and_gkd_presets_are_points_of_the_mixture_axis(study_dict):
         structured(MethodConfig, {"adaptive": {"init_threshold": 1.5}}, "m")
 
 
+@pytest.mark.slow
 def test_backbones_can_share_a_teacher(study_dict, presets):
     (presets / "backbones" / "wide.yaml").write_text(
         "teacher_from: tiny\nstudent: {dim: 128, n_layer: 2, n_head: 4, vocab_size: 256, num_classes: 10, "
@@ -308,6 +313,7 @@ def test_derived_presets_fail_on_unknown_keys_and_cycles(study_dict, presets):
         Study.load({**study_dict, "ablations": ["bad"]})
 
 
+@pytest.mark.slow
 def test_sweeps_make_named_runs_on_their_backbones(study_dict):
     sweeps = [{"method": "varkd", "key": "clusters", "name": "k", "values": [4, 64], "backbones": ["tiny"]},
               {"method": "varkd", "key": "rollout.window", "name": "window", "values": [2]}]
@@ -366,6 +372,7 @@ def test_distillm_tuning_study_sweeps_both_thresholds_around_the_preset(capsys):
     assert study.cfg.student_optim.eval_every > 0 and "TUNED on the validation split" in preset_text
 
 
+@pytest.mark.slow
 def test_every_run_starts_from_its_backbones_pretrained_student(study_dict):
     study = Study.load(study_dict)
     for backbone in study_dict["backbones"]:
@@ -388,6 +395,7 @@ def test_resources_of_an_unknown_rule_fail(study_dict):
         study.check_resource_rules(["train_student", "sample", "evaluate"])
 
 
+@pytest.mark.slow
 def test_sweep_points_place_each_run_and_the_preset_on_the_axis(study_dict):
     sweeps = [{"method": "varkd", "key": "clusters", "name": "k", "values": [4, 64], "backbones": ["tiny"]}]
     study = Study.load({**study_dict, "ablations": ["varkd"], "sweeps": sweeps})

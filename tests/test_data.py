@@ -11,6 +11,7 @@ def splits():
     return list(load_digits(DataConfig(source="mnist_photo", split_seed=0)).values())
 
 
+@pytest.mark.slow
 def test_splits_are_fixed_stratified_and_disjoint(splits, tmp_path):
     train, val, test = splits
     assert [s.images.shape for s in splits] == [(3500, 32, 32, 3), (500, 32, 32, 3), (1000, 32, 32, 3)]
@@ -32,6 +33,7 @@ def test_splits_are_fixed_stratified_and_disjoint(splits, tmp_path):
         assert back.views == split.views
 
 
+@pytest.mark.slow
 def test_digits_sit_on_dimmed_photograph_patches(splits):
     """Grey RGB; the digits are the same as plain MNIST's where they are bright, the background is texture (no
     position of the grid is a flat black area across images, as MNIST's border is)."""
@@ -48,6 +50,7 @@ def test_digits_sit_on_dimmed_photograph_patches(splits):
     assert (photo[:, :4, :4].reshape(len(photo), -1).std(axis=1) > 0).mean() > 0.9  # corners hold texture
 
 
+@pytest.mark.slow
 def test_training_views_shift_each_digit_over_new_patches():
     """train_views images per training digit, each shifted by at most max_shift px over its own patch; the same
     digits (labels, count) as without views, val and test one view each."""

@@ -60,6 +60,7 @@ def test_grad_accumulation_equals_one_big_batch(codes, tmp_path):
     assert torch.load(micro, weights_only=True)["train"]["student_forwards"] == 2 * 6  # one per micro-batch
 
 
+@pytest.mark.slow
 def test_ddp_ranks_train_like_one_process_and_rank_0_alone_writes(codes, tmp_path):
     single = distill.train_gpt(job(codes, tmp_path / "single", model=STILL, optim=optim()))
     out = tmp_path / "ddp"
@@ -92,6 +93,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_at_one_step_and_the_resumed_run_is_exact(codes, tmp_path):
     """torchrun-style ranks (as srun or torchrun would start them) stop together; a --nproc rerun resumes them."""
     straight = tmp_path / "straight"
@@ -119,6 +121,7 @@ def test_sigterm_on_one_rank_stops_all_at_one_step_and_the_resumed_run_is_exact(
     assert [r["loss"] for r in log_rows(out)] == [r["loss"] for r in log_rows(straight)]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_reaches_its_ranks(codes, tmp_path):
     """`kill <varkd train --nproc 2>`: the ranks checkpoint the same step and the command exits as interrupted."""
     out = tmp_path / "run"

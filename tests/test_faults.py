@@ -142,6 +142,7 @@ def test_jobs_killed_at_random_points_rerun_to_the_same_files(miniature_study, t
     assert modes == {p.relative_to(workdir).as_posix(): oct((0o777 if p.is_dir() else 0o666) & ~UMASK) for p in paths}
 
 
+@pytest.mark.slow
 def test_a_gather_killed_at_random_points_reruns_to_the_same_file(tmp_path):
     """kill -9 of `varkd gather-samples` (two shards of 60 MB streamed into samples.npz) at random points, then a
     rerun: the same file as an uninterrupted gather, and no leftover."""
@@ -223,6 +224,7 @@ def test_a_dry_run_changes_no_file(miniature_study):
     assert snapshot() == before
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_running_job_stops_at_once(codes, tmp_path):
     """Two `varkd train` on one run would both write its checkpoint and interleave train_log.csv: the second stops
     with a message naming the job while the first holds the job's lock."""
@@ -251,6 +253,7 @@ def test_a_second_process_on_a_running_job_stops_at_once(codes, tmp_path):
 # --- full disk, killed writes, corrupt and hostile files -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_named(codes, tmp_path):
     """A write that fails for want of room names the file and the OS error, through torch's C++ writer too (it
     said `enforce fail at inline_container.cc`), in one line, and leaves nothing behind."""
@@ -285,6 +288,7 @@ def test_a_full_disk_is_named(codes, tmp_path):
     assert not list(tmp_path.glob(".student.pt.partial*")) and not (tmp_path / "student.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_writes_leftover_is_removed_when_its_job_starts(codes, tmp_path):
     """A write killed by kill -9 leaves its hidden temporary file (hundreds of MB for a checkpoint); it has a fixed
     name per file, and the next run of the job removes it first thing (here the job then fails on a missing
@@ -316,6 +320,7 @@ def test_every_reader_names_a_corrupt_file(tmp_path):
         io.read_csv(tmp_path / "nothing.csv", "log")
 
 
+@pytest.mark.slow
 def test_aggregate_refuses_a_run_without_its_identity(tmp_path):
     """A metrics.json whose method is null was silently dropped from the table (exit 0)."""
     for name, method in (("a", "ce"), ("b", None)):
@@ -360,6 +365,7 @@ def test_no_weights_file_runs_code(tmp_path):
 # --- study files ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_study_templates_are_refused(tmp_path, presets):
     """`__use_yte__: true` makes a study file a YTE template, code Snakemake runs when it reads it: `varkd
     check-config` refuses it without running it, the workflow stops before any job."""
@@ -375,6 +381,7 @@ def test_study_templates_are_refused(tmp_path, presets):
     assert "Job stats" not in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_study_file_mistakes_are_one_message(tmp_path, presets, monkeypatch):
     """A misspelt top-level key printed ~200 lines of JSON schema; a YAML syntax error gave no line; `study: ..`
     wrote job configs outside results/; check-config run elsewhere said `available: []`."""

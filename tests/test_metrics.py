@@ -168,6 +168,7 @@ def test_fid_matches_float64_reference(trained, digits):
     assert out["fid"] == pytest.approx(fid_reference(f_gen, f_real), rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_inception_score_ten_confident_classes_vs_one(trained, digits):
     path = trained[0]
     images, _ = digits["all"]
@@ -429,6 +430,7 @@ def inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_inception_reference_batch_from_local_weights(inception_weights, no_download, tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     # Arbitrary statistics of pool3's width; arr_0 = the generated images, so precision and recall are exactly 1.
@@ -648,6 +650,7 @@ def test_adm_precision_recall_equals_a_port_of_the_manifold_estimator():
     assert r != pytest.approx(float32["recall"], abs=0.5 / len(real))
 
 
+@pytest.mark.slow
 def test_adm_protocol_scores_the_extractors_features(trained, digits, tmp_path):
     weights = trained[0]
     gen, real = digits["train"][0][:300], digits["held"][0][::2]
@@ -703,6 +706,7 @@ def test_inception_spatial_extractor_reads_mixed_6d_branch1x1(inception_weights,
     assert torch.equal(spatial, vm.adm_spatial_features(branch1x1)) and (spatial >= 0).all()  # after its ReLU
 
 
+@pytest.mark.slow
 def test_inception_reference_batch_adm_scores_sfid(inception_weights, no_download, tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)  # k = 3 needs 4 per side
     stored = dict(mu=np.zeros(2048, np.float32), sigma=np.eye(2048), mu_s=np.full(2023, 0.5, np.float32),

@@ -103,6 +103,7 @@ def test_missing_files_are_listed_together_and_found_when_present(presets, tmp_p
     assert study.missing_files() == []
 
 
+@pytest.mark.slow
 def test_384px_pairs_and_unreleased_sizes(presets):
     study = paper_study(presets, "imagenet.yaml", "imagenet-384.yaml")
     xl = study.jobs["results/imagenet-384/llamagen_XL_B/teacher/config.yaml"]
@@ -129,6 +130,7 @@ def test_paper_scale_misconfigurations_name_the_key(presets, keys, message):
         paper_study(presets, "imagenet.yaml", **keys)
 
 
+@pytest.mark.slow
 def test_workflow_dry_run_builds_the_paper_dag_and_a_run_stops_before_any_job(presets):
     workdir = presets.parent
     out = snakemake(workdir, "-n", "all_ablations", "--configfile", str(presets / "imagenet.yaml")).stdout

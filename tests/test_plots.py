@@ -45,6 +45,7 @@ def results(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_aggregate_writes_every_table_file_and_plots_draw_every_figure(results):
     files = sorted(str(p) for p in results.rglob("metrics.json"))
     assert cli.main(["aggregate", *files, "--out-dir", str(results / "tables"), "--name", "ablations",

@@ -97,6 +97,7 @@ def test_study_trains_each_candidate_per_stage_on_the_search_budget(study_dict):
     assert "results/embedded/tiny/student_init/student.pt" in files
 
 
+@pytest.mark.slow
 def test_search_mistakes_name_the_key(study_dict):
     bad = {**study_dict, "search": {**study_dict["search"], "backbone": "huge"}}
     with pytest.raises(ConfigError, match="search.backbone='huge'"):

@@ -118,6 +118,7 @@ def synthetic_images(n: int, rng: np.random.Generator, size: int = 32) -> np.nda
     return img
 
 
+@pytest.mark.slow
 def test_tokenizer_loss_trains():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

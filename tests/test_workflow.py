@@ -38,6 +38,7 @@ def execute_notebook(path: Path, cwd: Path, **parameters) -> None:
     NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_embedded_study(presets):
     out = snakemake(presets.parent, "-n", "all").stdout
     for rule in ("train_teacher", "cache_teacher_logits", "train_student", "sample", "evaluate", "aggregate"):
@@ -78,6 +79,7 @@ def test_profiles_layer_as_their_files_say(monkeypatch):
     assert (slurm.cores, slurm.jobs, slurm.keep_going, slurm.executor) == (None, 100, True, "submitit")
 
 
+@pytest.mark.slow
 def test_lint_reports_only_the_findings_the_workflow_readme_justifies():
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
@@ -116,6 +118,7 @@ def test_report_captions_describe_the_studys_scale(scale):
     assert ("reference batch" in text) == paper
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_any_job(presets):
     (presets / "methods" / "fkl.yaml").write_text("terms: [{divergence: fkl}]\ntemprature: 2\n")
     result = snakemake(presets.parent, "-n", "all", check=False)
