@@ -249,7 +249,7 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
                 value = term_loss(term, student(x[:, :-1], y), x, target, kd.temperature, clusters)
             data.counts["student_forwards"] += 1
             total = total + term.weight * value
-            logs[names[i]] = value.item()
+            logs[names[i]] = value.detach()  # read by the loop once per step, not here (a host sync per term)
         return total, {**logs, **data.counts, **data.logs(step)}
 
     summary = train(student, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),

@@ -258,6 +258,8 @@ def train(module: torch.nn.Module, loss_fn: LossFn, cfg: OptimConfig, out_dir: s
             logs = {k: v if isinstance(v, int) else sum(p[k] for p in part_logs) / len(parts)  # ints: counts
                     for k, v in part_logs[-1].items()}
             non_finite, stopping = distributed.any_rank([not torch.isfinite(loss).item(), bool(stop)], device)
+            # the step's one host sync is above: reading the terms' values now costs no further wait
+            logs = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
             if non_finite:
                 where = f"rank {rank} of {world}: " if world > 1 else ""
                 raise FloatingPointError(f"[{desc}] non-finite loss at step {step} ({where}loss {loss.item()}, terms: "
