@@ -36,6 +36,18 @@ def one_of(names):
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
+# What every rule running a `varkd` command states the same way, by its name (Snakemake's directives take no defaults
+# per rule): `log: log_file(name)`, `threads: cpus(rule)`, `resources: **cluster_resources(rule)`.
+def log_file(name):
+    """A job's log file: name is the rule's (with the wildcards that tell its jobs apart), e.g. "{rundir}/sample"."""
+    return f"results/logs/{{study}}/{name}.log"
+
+
+def cpus(rule):
+    """The rule's threads: the study's `resources.<rule>.cpus`."""
+    return STUDY.resources(rule).cpus
+
+
 def cluster_resources(rule):
     """The rule's Snakemake resources from the study's `resources` section (its cpus are the rule's threads; the
     SLURM options it leaves unset are the profile's)."""

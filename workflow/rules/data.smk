@@ -18,8 +18,8 @@ if STUDY.cfg.tokenizer.pretrained:
         output:
             "results/{study}/data/tokenizer/tokenizer.pt",
         log:
-            "results/logs/{study}/import_tokenizer.log",
-        threads: STUDY.resources("import_tokenizer").cpus
+            log_file("import_tokenizer"),
+        threads: cpus("import_tokenizer")
         resources:
             **cluster_resources("import_tokenizer"),
         shell:
@@ -35,8 +35,8 @@ if STUDY.imagefolder:
         output:
             "results/{study}/data/index/{split}.npz",
         log:
-            "results/logs/{study}/index_images_{split}.log",
-        threads: STUDY.resources("index_images").cpus
+            log_file("index_images_{split}"),
+        threads: cpus("index_images")
         resources:
             **cluster_resources("index_images"),
         shell:
@@ -49,8 +49,8 @@ if STUDY.imagefolder:
         output:
             "results/{study}/data/codes/{split}/shards/shard{shard}.npz",
         log:
-            "results/logs/{study}/extract_codes/{split}_shard{shard}.log",
-        threads: STUDY.resources("extract_code_shard").cpus
+            log_file("extract_codes/{split}_shard{shard}"),
+        threads: cpus("extract_code_shard")
         resources:
             **cluster_resources("extract_code_shard"),
         shell:
@@ -64,8 +64,8 @@ if STUDY.imagefolder:
             "results/{study}/data/codes/{split}/codes.npy",
             "results/{study}/data/codes/{split}/labels.npy",
         log:
-            "results/logs/{study}/gather_codes_{split}.log",
-        threads: STUDY.resources("gather_codes").cpus
+            log_file("gather_codes_{split}"),
+        threads: cpus("gather_codes")
         resources:
             **cluster_resources("gather_codes"),
         shell:
@@ -79,8 +79,8 @@ else:
         output:
             "results/{study}/data/images.npz",
         log:
-            "results/logs/{study}/prepare_data.log",
-        threads: STUDY.resources("prepare_data").cpus
+            log_file("prepare_data"),
+        threads: cpus("prepare_data")
         resources:
             **cluster_resources("prepare_data"),
         shell:
@@ -92,8 +92,8 @@ else:
         output:
             expand("results/{{study}}/data/codes/{split}/{file}", split=SPLITS, file=("codes.npy", "labels.npy")),
         log:
-            "results/logs/{study}/extract_codes.log",
-        threads: STUDY.resources("extract_codes").cpus
+            log_file("extract_codes"),
+        threads: cpus("extract_codes")
         resources:
             **cluster_resources("extract_codes"),
         shell:
@@ -108,8 +108,8 @@ if not STUDY.cfg.tokenizer.pretrained:
         output:
             "results/{study}/data/tokenizer/tokenizer.pt",
         log:
-            "results/logs/{study}/train_tokenizer.log",
-        threads: STUDY.resources("train_tokenizer").cpus
+            log_file("train_tokenizer"),
+        threads: cpus("train_tokenizer")
         resources:
             **cluster_resources("train_tokenizer"),
         shell:
@@ -124,8 +124,8 @@ if STUDY.classifier:
         output:
             "results/{study}/data/classifier/classifier.pt",
         log:
-            "results/logs/{study}/train_classifier.log",
-        threads: STUDY.resources("train_classifier").cpus
+            log_file("train_classifier"),
+        threads: cpus("train_classifier")
         resources:
             **cluster_resources("train_classifier"),
         shell:
@@ -140,8 +140,8 @@ rule cluster_codebook:
     output:
         "results/{study}/{clusterdir}/k{k}.npy",
     log:
-        "results/logs/{study}/{clusterdir}/cluster_codebook_k{k}.log",
-    threads: STUDY.resources("cluster_codebook").cpus
+        log_file("{clusterdir}/cluster_codebook_k{k}"),
+    threads: cpus("cluster_codebook")
     resources:
         **cluster_resources("cluster_codebook"),
     shell:

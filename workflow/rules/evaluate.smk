@@ -9,8 +9,8 @@ if STUDY.cfg.sample.num_shards == 1:
             "results/{study}/{rundir}/grid.png",
             ["results/{study}/{rundir}/samples_val.npz"] * bool(STUDY.cfg.sample.val_num_samples),
         log:
-            "results/logs/{study}/{rundir}/sample.log",
-        threads: STUDY.resources("sample").cpus
+            log_file("{rundir}/sample"),
+        threads: cpus("sample")
         resources:
             **cluster_resources("sample"),
         shell:
@@ -25,8 +25,8 @@ else:
         output:
             "results/{study}/{rundir}/samples/shard{shard}.npz",
         log:
-            "results/logs/{study}/{rundir}/sample_shard{shard}.log",
-        threads: STUDY.resources("sample_shard").cpus
+            log_file("{rundir}/sample_shard{shard}"),
+        threads: cpus("sample_shard")
         resources:
             **cluster_resources("sample_shard"),
         shell:
@@ -40,8 +40,8 @@ else:
             "results/{study}/{rundir}/samples.npz",
             "results/{study}/{rundir}/grid.png",
         log:
-            "results/logs/{study}/{rundir}/gather_samples.log",
-        threads: STUDY.resources("gather_samples").cpus
+            log_file("{rundir}/gather_samples"),
+        threads: cpus("gather_samples")
         resources:
             **cluster_resources("gather_samples"),
         shell:
@@ -55,8 +55,8 @@ rule evaluate:
     output:
         "results/{study}/{rundir}/metrics.json",
     log:
-        "results/logs/{study}/{rundir}/evaluate.log",
-    threads: STUDY.resources("evaluate").cpus
+        log_file("{rundir}/evaluate"),
+    threads: cpus("evaluate")
     resources:
         **cluster_resources("evaluate"),
     shell:
@@ -71,8 +71,8 @@ rule noise_floor:
     output:
         "results/{study}/{backbone}/student_init/noise.json",
     log:
-        "results/logs/{study}/{backbone}/student_init/noise.log",
-    threads: STUDY.resources("noise_floor").cpus
+        log_file("{backbone}/student_init/noise"),
+    threads: cpus("noise_floor")
     resources:
         **cluster_resources("noise_floor"),
     shell:
@@ -87,8 +87,8 @@ rule diagnose:
     output:
         "results/{study}/{rundir}/diagnostics.csv",
     log:
-        "results/logs/{study}/{rundir}/diagnose.log",
-    threads: STUDY.resources("diagnose").cpus
+        log_file("{rundir}/diagnose"),
+    threads: cpus("diagnose")
     resources:
         **cluster_resources("diagnose"),
     shell:
@@ -104,8 +104,8 @@ if STUDY.images:
         output:
             "results/{study}/real/metrics.json",
         log:
-            "results/logs/{study}/real/evaluate.log",
-        threads: STUDY.resources("evaluate_real").cpus
+            log_file("real/evaluate"),
+        threads: cpus("evaluate_real")
         resources:
             **cluster_resources("evaluate_real"),
         shell:

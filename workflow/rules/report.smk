@@ -22,7 +22,7 @@ rule aggregate:
     params:
         sweeps=lambda wc: json.dumps(STUDY.sweep_points(STUDY.table_methods(wc.table))),
     log:
-        "results/logs/{study}/tables/{table}.log",
+        log_file("tables/{table}"),
     shell:
         "varkd aggregate {input.metrics} --out-dir results/{wildcards.study}/tables --name {wildcards.table}"
         " --sweeps {params.sweeps:q} --noise {input.noise} > {log} 2>&1"
@@ -37,7 +37,7 @@ rule claims:
         "results/{study}/tables/claims.csv",
         report("results/{study}/tables/claims.md", caption="../report/claims.rst", category="Tables"),
     log:
-        "results/logs/{study}/tables/claims.log",
+        log_file("tables/claims"),
     shell:
         "varkd claims --summaries {input.summaries} --diagnostics {input.diagnostics}"
         " --out-dir results/{wildcards.study}/tables > {log} 2>&1"
@@ -59,7 +59,7 @@ rule plot:
         ),
         "results/{study}/plots/{table}_{figure}.pdf",
     log:
-        "results/logs/{study}/plots/{table}_{figure}.log",
+        log_file("plots/{table}_{figure}"),
     shell:
         "varkd plot {wildcards.figure} --results results/{wildcards.study} --table {wildcards.table}"
         " --out results/{wildcards.study}/plots/{wildcards.table}_{wildcards.figure} > {log} 2>&1"

@@ -18,7 +18,7 @@ checkpoint search_stage:
         metrics=lambda wc, input: [p for p in input if Path(p).name == "metrics.json"],
         keep=lambda wc: STUDY.cfg.search.stages[int(wc.stage)].keep,
     log:
-        "results/logs/{study}/search/stage{stage}.log",
+        log_file("search/stage{stage}"),
     shell:
         "varkd search-stage {params.metrics} --keep {params.keep} --out {output} > {log} 2>&1"
 
@@ -36,7 +36,7 @@ rule search_report:
         reads=lambda wc: json.dumps({c.name: c.reads for c in STUDY.cfg.search.candidates}),
         steps=lambda wc: [STUDY.search_optim(i).steps for i in range(len(STUDY.cfg.search.stages))],
     log:
-        "results/logs/{study}/search/report.log",
+        log_file("search/report"),
     shell:
         "varkd search-report {input} --reads {params.reads:q} --steps {params.steps}"
         " --out-dir results/{wildcards.study}/search --figure results/{wildcards.study}/plots/search > {log} 2>&1"

@@ -12,8 +12,8 @@ rule import_teacher:
     output:
         "results/{study}/{backbone}/teacher/teacher.pt",
     log:
-        "results/logs/{study}/{backbone}/teacher/import.log",
-    threads: STUDY.resources("import_teacher").cpus
+        log_file("{backbone}/teacher/import"),
+    threads: cpus("import_teacher")
     resources:
         **cluster_resources("import_teacher"),
     shell:
@@ -30,8 +30,8 @@ rule import_student:
     output:
         "results/{study}/{backbone}/student_init/student.pt",
     log:
-        "results/logs/{study}/{backbone}/student_init/import.log",
-    threads: STUDY.resources("import_student").cpus
+        log_file("{backbone}/student_init/import"),
+    threads: cpus("import_student")
     resources:
         **cluster_resources("import_student"),
     shell:
@@ -48,8 +48,8 @@ rule train_teacher:
     output:
         "results/{study}/{backbone}/teacher/teacher.pt",
     log:
-        "results/logs/{study}/{backbone}/teacher/train.log",
-    threads: STUDY.resources("train_teacher").cpus
+        log_file("{backbone}/teacher/train"),
+    threads: cpus("train_teacher")
     resources:
         **cluster_resources("train_teacher"),
     shell:
@@ -64,8 +64,8 @@ rule cache_teacher_logits:
     output:
         "results/{study}/{backbone}/teacher/logits_train.npy",
     log:
-        "results/logs/{study}/{backbone}/teacher/logits.log",
-    threads: STUDY.resources("cache_teacher_logits").cpus
+        log_file("{backbone}/teacher/logits"),
+    threads: cpus("cache_teacher_logits")
     resources:
         **cluster_resources("cache_teacher_logits"),
     shell:
@@ -85,8 +85,8 @@ if STUDY.cfg.pool_shards == 1:
             "results/{study}/{backbone}/teacher/{pool}/labels.npy",
             ["results/{study}/{backbone}/teacher/{pool}/logits.npy"] * STUDY.cfg.cache_teacher_logits,
         log:
-            "results/logs/{study}/{backbone}/teacher/{pool}.log",
-        threads: STUDY.resources("teacher_pool").cpus
+            log_file("{backbone}/teacher/{pool}"),
+        threads: cpus("teacher_pool")
         resources:
             **cluster_resources("teacher_pool"),
         shell:
@@ -102,8 +102,8 @@ if STUDY.cfg.pool_shards == 1:
             "results/{study}/{backbone}/student_init/{pool}/codes.npy",
             "results/{study}/{backbone}/student_init/{pool}/labels.npy",
         log:
-            "results/logs/{study}/{backbone}/student_init/{pool}.log",
-        threads: STUDY.resources("student_pool").cpus
+            log_file("{backbone}/student_init/{pool}"),
+        threads: cpus("student_pool")
         resources:
             **cluster_resources("student_pool"),
         shell:
@@ -119,8 +119,8 @@ else:
         output:
             "results/{study}/{backbone}/{poolmodel}/{pool}/shards/shard{shard}.npz",
         log:
-            "results/logs/{study}/{backbone}/{poolmodel}/{pool}_shard{shard}.log",
-        threads: STUDY.resources("pool_shard").cpus
+            log_file("{backbone}/{poolmodel}/{pool}_shard{shard}"),
+        threads: cpus("pool_shard")
         resources:
             **cluster_resources("pool_shard"),
         shell:
@@ -135,8 +135,8 @@ else:
             "results/{study}/{backbone}/{poolmodel}/{pool}/codes.npy",
             "results/{study}/{backbone}/{poolmodel}/{pool}/labels.npy",
         log:
-            "results/logs/{study}/{backbone}/{poolmodel}/{pool}_gather.log",
-        threads: STUDY.resources("gather_pool").cpus
+            log_file("{backbone}/{poolmodel}/{pool}_gather"),
+        threads: cpus("gather_pool")
         resources:
             **cluster_resources("gather_pool"),
         shell:
@@ -153,8 +153,8 @@ rule pretrain_student:
     output:
         "results/{study}/{backbone}/student_init/student.pt",
     log:
-        "results/logs/{study}/{backbone}/student_init/train.log",
-    threads: STUDY.resources("pretrain_student").cpus
+        log_file("{backbone}/student_init/train"),
+    threads: cpus("pretrain_student")
     resources:
         **cluster_resources("pretrain_student"),
     shell:
@@ -167,8 +167,8 @@ rule train_student:
     output:
         "results/{study}/{backbone}/{method}/seed{seed}/student.pt",
     log:
-        "results/logs/{study}/{backbone}/{method}/seed{seed}/train.log",
-    threads: STUDY.resources("train_student").cpus
+        log_file("{backbone}/{method}/seed{seed}/train"),
+    threads: cpus("train_student")
     resources:
         **cluster_resources("train_student"),
     shell:
