@@ -1,7 +1,8 @@
 """The study as data: from the study file and presets to the config of every job in the workflow.
 
-This is the one place that knows the results layout (design section 1). The Snakefile asks it for paths and
-job configs; each job's YAML is written by the workflow before the job runs and is all the CLI reads.
+Every path comes from varkd.layout, the results layout, which the workflow's rules call too. The Snakefile asks
+the study for the paths each target needs and for job configs; each job's YAML is written by the workflow before
+the job runs and is all the CLI reads.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
+from varkd import layout
 from varkd.checkpoints import LLAMAGEN_GPT_FILES, LLAMAGEN_URL, LLAMAGEN_VQ_FILES
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, DiagnoseJob,
@@ -25,7 +27,6 @@ from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJo
 from varkd.models.gpt import gpt_config
 
 T = TypeVar("T")
-RESULTS = "results"
 _MISSING = object()
 # every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
 FIGURES = ("metrics", "curves", "cost", "samples", "diagnostics")
@@ -110,7 +111,6 @@ REFERENCE_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul
 class Study:
     def __init__(self, cfg: StudyConfig, backbones: dict[str, BackboneConfig], methods: dict[str, MethodConfig]):
         self.cfg, self.backbones, self.methods = cfg, backbones, methods
-        self.root = f"{RESULTS}/{cfg.study}"
         # files the study reads but no rule makes (paper scale): path -> what it is and where to get it
         self.external: dict[str, str] = {}
         self._resolve_pretrained()
@@ -278,9 +278,6 @@ class Study:
         if unknown:
             raise ConfigError(f"resources: no workflow rule named {unknown}; the rules are {sorted(rules)}")
 
-    def path(self, *parts: str) -> str:
-        return "/".join((self.root, *parts))
-
     @property
     def imagefolder(self) -> bool:
         """Codes come from an ImageFolder tree through scattered extraction jobs (paper scale)."""
@@ -289,31 +286,29 @@ class Study:
     @property
     def images(self) -> str | None:
         """images.npz, the in-memory dataset of the embedded study (None at paper scale)."""
-        return None if self.imagefolder else self.path("data", "images.npz")
+        return None if self.imagefolder else layout.images(self.name)
 
     @property
     def tokenizer(self) -> str:
-        return self.path("data", "tokenizer", "tokenizer.pt")
+        return layout.tokenizer(self.name)
 
     def codes(self, split: str) -> str:
         """A code set folder (varkd.config.code_set_files)."""
-        return self.path("data", "codes", split)
-
-    def code_shard(self, split: str, shard: int) -> str:
-        return self.path("data", "codes", split, "shards", f"shard{shard}.npz")
+        return layout.codes(self.name, split)
 
     def clusters(self, k: int, source: str, backbone: str) -> str:
         """A method's cluster assignment: of the codebook, one per study; of the teacher's co-occurrence
         (cluster_source: teacher), one per teacher, beside it."""
-        folder = f"{self.teacher_dir(backbone)}/clusters" if source == "teacher" else self.path("data", "clusters")
-        return f"{folder}/k{k}.npy"
+        if source == "teacher":
+            return layout.clusters(layout.teacher_clusters_dir(self.name, self.teacher_owner(backbone)), k)
+        return layout.clusters(layout.codebook_clusters_dir(self.name), k)
 
     @property
     def classifier(self) -> str | None:
         """The metric's feature network, when the study trains one (the embedded study)."""
         if self.cfg.evaluate.feature_extractor != EXTRACTOR_NAME:
             return None
-        return self.path("data", "classifier", "classifier.pt")
+        return layout.classifier(self.name)
 
     @property
     def teacher_owners(self) -> list[str]:
@@ -321,17 +316,25 @@ class Study:
         return [b for b in self.cfg.backbones if self.backbones[b].teacher_from is None]
 
     def teacher_config(self, backbone: str):
-        return self.backbones[self.backbones[backbone].teacher_from or backbone].teacher
+        return self.backbones[self.teacher_owner(backbone)].teacher
+
+    def teacher_owner(self, backbone: str) -> str:
+        """The backbone whose teacher this backbone distils from (itself, or the one it names in teacher_from)."""
+        return self.backbones[backbone].teacher_from or backbone
 
     def teacher_dir(self, backbone: str) -> str:
-        return self.path(self.backbones[backbone].teacher_from or backbone, "teacher")
+        return layout.teacher_dir(self.name, self.teacher_owner(backbone))
+
+    def teacher(self, backbone: str) -> str:
+        """The teacher checkpoint a backbone's students distil from."""
+        return layout.teacher(self.name, self.teacher_owner(backbone))
 
     @staticmethod
     def pool_dir(model_dir: str, rollout: RolloutConfig) -> str:
         """One pool per model (a teacher, a student init) and sampling settings, beside the model: shared by every
         method, student and seed that use them."""
         key = hashlib.sha256(to_yaml(rollout).encode()).hexdigest()[:8]
-        return f"{model_dir}/pool_{key}"
+        return layout.pool_dir(model_dir, layout.pool_name(key))
 
     def pool_sampling(self, backbone: str, method: MethodConfig, model: str) -> RolloutConfig:
         """What shapes a pool's samples (not the student's sampler or window): the method's rollout settings, or
@@ -351,7 +354,7 @@ class Study:
                               f"study's sample section): {err}") from None
 
     def run_dir(self, run: Run) -> str:
-        return self.path(run.backbone, run.method, f"seed{run.seed}")
+        return layout.run_dir(self.name, run.backbone, run.method, run.seed)
 
     @property
     def sweep_runs(self) -> dict[str, list[str]]:
@@ -383,7 +386,7 @@ class Study:
     def figures(self, table: str) -> list[str]:
         """A table's figures, PNG and PDF: plots/<table>_<figure>.{png,pdf}."""
         names = FIGURES + (("sweeps",) if self.sweep_points(self.table_methods(table)) else ())
-        return [self.path("plots", f"{table}_{name}.{ext}") for name in names for ext in ("png", "pdf")]
+        return [layout.figure(self.name, table, name, ext) for name in names for ext in ("png", "pdf")]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
         """Runs of the given methods (default: every method of the study's tables) on their backbones and every
@@ -416,15 +419,15 @@ class Study:
 
     def search_files(self, stage: int, candidates: list[str] | None = None) -> list[str]:
         """The metrics.json files a stage ranks, then every file they rest on (as the all* targets list them)."""
-        metrics = [f"{self.run_dir(r)}/metrics.json" for r in self.search_runs(stage, candidates)]
+        metrics = [layout.metrics(self.run_dir(r)) for r in self.search_runs(stage, candidates)]
         return metrics + [p for p in self.needed_files(metrics) if p not in metrics]
 
     def search_stage_table(self, stage: int) -> str:
-        return self.path("search", f"stage{stage}.csv")
+        return layout.search_stage(self.name, stage)
 
     def noise_file(self, backbone: str) -> str:
         """The noise floor of a backbone: its student init sampled with several sampling seeds (NoiseFloorJob)."""
-        return self.path(backbone, "student_init", "noise.json")
+        return layout.noise(self.name, backbone)
 
     def noise_files(self) -> list[str]:
         """The noise floors the tables' captions quote (none when evaluate.noise_seeds is 0 or without inits)."""
@@ -435,10 +438,11 @@ class Study:
     def metrics_files(self, methods: list[str] | None = None) -> list[str]:
         """Every metrics.json a table needs: the real-vs-real floor, each teacher and student init, the runs."""
         runs = self.runs(methods)
-        inits = [self.path(b, "student_init", "metrics.json") for b in self.cfg.backbones if self.student_init(b)]
-        return ([self.path("real", "metrics.json")] * bool(self.images)
-                + [f"{self.teacher_dir(b)}/metrics.json" for b in self.teacher_owners]
-                + inits + [f"{self.run_dir(r)}/metrics.json" for r in runs])
+        inits = [layout.metrics(layout.student_init_dir(self.name, b)) for b in self.cfg.backbones
+                 if self.student_init(b)]
+        return ([layout.metrics(layout.real_dir(self.name))] * bool(self.images)
+                + [layout.metrics(self.teacher_dir(b)) for b in self.teacher_owners]
+                + inits + [layout.metrics(self.run_dir(r)) for r in runs])
 
     def diagnosed(self, run: Run) -> bool:
         """Only a method's run at the study's first seed is diagnosed: one job per method shows where the teacher's
@@ -447,8 +451,9 @@ class Study:
 
     def diagnostics_files(self, methods: list[str] | None = None) -> list[str]:
         """The diagnostics.csv files of a table: each backbone's student init and each method's first seed."""
-        inits = [self.path(b, "student_init", "diagnostics.csv") for b in self.cfg.backbones if self.student_init(b)]
-        return inits + [f"{self.run_dir(r)}/diagnostics.csv" for r in self.runs(methods) if self.diagnosed(r)]
+        inits = [layout.diagnostics(layout.student_init_dir(self.name, b)) for b in self.cfg.backbones
+                 if self.student_init(b)]
+        return inits + [layout.diagnostics(self.run_dir(r)) for r in self.runs(methods) if self.diagnosed(r)]
 
     def job_text(self, path: str) -> str:
         if path not in self.jobs:
@@ -484,7 +489,7 @@ class Study:
     def _add_data_jobs(self) -> None:
         cfg = self.cfg
         if cfg.tokenizer.pretrained:
-            self.jobs[self.path("data", "tokenizer", "config.yaml")] = ImportTokenizerJob(
+            self.jobs[layout.config(layout.tokenizer_dir(self.name))] = ImportTokenizerJob(
                 name=cfg.tokenizer.pretrained, path=self.tokenizer_file, out=self.tokenizer)
         if self.imagefolder:
             self._add_extraction_jobs()
@@ -494,20 +499,21 @@ class Study:
     def _add_in_memory_data_jobs(self) -> None:
         """The embedded study: images.npz in memory, its tokenizer, classifier and the real-vs-real floor."""
         cfg = self.cfg
-        self.jobs[self.path("data", "config.yaml")] = PrepareDataJob(data=cfg.data, out=self.images)
+        self.jobs[layout.config(layout.data_dir(self.name))] = PrepareDataJob(data=cfg.data, out=self.images)
         if not cfg.tokenizer.pretrained:
-            self.jobs[self.path("data", "tokenizer", "config.yaml")] = TokenizerJob(
-                tokenizer=cfg.tokenizer, images=self.images, out_dir=self.path("data", "tokenizer"))
-        self.jobs[self.path("data", "codes", "config.yaml")] = ExtractCodesJob(
-            tokenizer=self.tokenizer, images=self.images, out_dir=self.path("data", "codes"))
+            self.jobs[layout.config(layout.tokenizer_dir(self.name))] = TokenizerJob(
+                tokenizer=cfg.tokenizer, images=self.images, out_dir=layout.tokenizer_dir(self.name))
+        self.jobs[layout.config(layout.codes_dir(self.name))] = ExtractCodesJob(
+            tokenizer=self.tokenizer, images=self.images, out_dir=layout.codes_dir(self.name))
         if self.classifier:
-            self.jobs[self.path("data", "classifier", "config.yaml")] = ClassifierJob(
-                classifier=cfg.classifier, images=self.images, out_dir=self.path("data", "classifier"))
-        self.jobs[self.path("real", "evaluate.yaml")] = EvaluateJob(
+            self.jobs[layout.config(layout.classifier_dir(self.name))] = ClassifierJob(
+                classifier=cfg.classifier, images=self.images, out_dir=layout.classifier_dir(self.name))
+        real = layout.real_dir(self.name)
+        self.jobs[layout.evaluate_config(real)] = EvaluateJob(
             evaluate=cfg.evaluate, samples=self.images, val_samples=self.images if cfg.sample.val_num_samples else None,
             real_key="train_images", num_samples=cfg.sample.num_samples, reference=self.images,
             classifier=self.classifier, identity={"backbone": "-", "method": "real", "seed": 0},
-            out=self.path("real", "metrics.json"))
+            out=layout.metrics(real))
 
     def _add_extraction_jobs(self) -> None:
         """Paper scale: per split, the ImageFolder index, its extraction jobs (codes.num_shards for train,
@@ -517,22 +523,22 @@ class Study:
         slices = {"train": ("train", 0, 0), "val": ("val", 0, cfg.data.val_per_class),
                   "test": ("val", cfg.data.val_per_class, cfg.data.test_per_class)}
         for split, (tree, first, count) in slices.items():
-            index = self.path("data", "index", f"{split}.npz")
-            self.jobs[self.path("data", "index", f"{split}.yaml")] = IndexImagesJob(
+            index = layout.index(self.name, split)
+            self.jobs[layout.config_of(index)] = IndexImagesJob(
                 root=f"{cfg.data.root}/{tree}", first=first, count=count, out=index)
             count = cfg.codes.num_shards if split == "train" else cfg.codes.heldout_shards
-            shards = [self.code_shard(split, i) for i in range(count)]
+            shards = [layout.code_shard(self.name, split, i) for i in range(count)]
             for i, shard in enumerate(shards):
-                self.jobs[shard.replace(".npz", ".yaml")] = CodeShardJob(
+                self.jobs[layout.config_of(shard)] = CodeShardJob(
                     tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{tree}",
                     image_size=cfg.data.image_size, augment=cfg.codes.augment if split == "train" else "none",
                     crop_range=cfg.codes.crop_range, shard=i, num_shards=count,
                     batch_size=cfg.codes.batch_size, out=shard)
-            self.jobs[f"{self.codes(split)}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=self.codes(split))
+            self.jobs[layout.config(self.codes(split))] = GatherCodesJob(shards=shards, out_dir=self.codes(split))
 
     def samples_shards(self, run_dir: str) -> list[str]:
         n = self.cfg.sample.num_shards
-        return [f"{run_dir}/samples/shard{i}.npz" for i in range(n)] if n > 1 else []
+        return [layout.sample_shard(run_dir, i) for i in range(n)] if n > 1 else []
 
     def _add_generation_jobs(self, run_dir: str, checkpoint: str, identity: dict[str, Any], seed: int,
                              cfg_scale: float | None) -> SampleConfig:
@@ -540,48 +546,47 @@ class Study:
         cfg = self.cfg
         sample = cfg.sample if cfg_scale is None else dataclasses.replace(cfg.sample, cfg_scale=cfg_scale)
         shards = self.samples_shards(run_dir)
-        for i, shard in enumerate(shards or [f"{run_dir}/samples.npz"]):
-            config = shard.replace(".npz", ".yaml") if shards else f"{run_dir}/sample.yaml"
+        for i, shard in enumerate(shards or [layout.samples(run_dir)]):
+            config = layout.config_of(shard) if shards else layout.sample_config(run_dir)
             self.jobs[config] = SampleJob(sample=sample, checkpoint=checkpoint, tokenizer=self.tokenizer,
                                           seed=seed, shard=i, out_dir=run_dir)
         if shards:
-            self.jobs[f"{run_dir}/samples/gather.yaml"] = GatherSamplesJob(
+            self.jobs[layout.gather_samples_config(run_dir)] = GatherSamplesJob(
                 shards=shards, grid_per_class=cfg.sample.grid_per_class, grid_classes=cfg.sample.grid_classes,
                 out_dir=run_dir)
-        self.jobs[f"{run_dir}/evaluate.yaml"] = EvaluateJob(
-            evaluate=cfg.evaluate, samples=f"{run_dir}/samples.npz",
-            val_samples=f"{run_dir}/samples_val.npz" if sample.val_num_samples else None, reference=self.images,
+        self.jobs[layout.evaluate_config(run_dir)] = EvaluateJob(
+            evaluate=cfg.evaluate, samples=layout.samples(run_dir),
+            val_samples=layout.val_samples(run_dir) if sample.val_num_samples else None, reference=self.images,
             classifier=self.classifier, checkpoint=checkpoint, codes_val=self.codes("val"),
-            codes_test=self.codes("test"), identity=identity, seed=seed, out=f"{run_dir}/metrics.json")
+            codes_test=self.codes("test"), identity=identity, seed=seed, out=layout.metrics(run_dir))
         return sample
 
     def _add_diagnose_job(self, backbone: str, run_dir: str, identity: dict[str, Any]) -> None:
         """Every diagnose job draws with the study's first seed: all students of a study are diagnosed on the same
         held-out sequences and sample from the same random stream (differences between them are not draws)."""
-        self.jobs[f"{run_dir}/diagnose.yaml"] = DiagnoseJob(
-            diagnose=self.cfg.diagnose, teacher=f"{self.teacher_dir(backbone)}/teacher.pt",
-            student=f"{run_dir}/student.pt", codes_val=self.codes("val"), seed=self.cfg.seeds[0], identity=identity,
-            out=f"{run_dir}/diagnostics.csv")
+        self.jobs[layout.diagnose_config(run_dir)] = DiagnoseJob(
+            diagnose=self.cfg.diagnose, teacher=self.teacher(backbone), student=layout.student(run_dir),
+            codes_val=self.codes("val"), seed=self.cfg.seeds[0], identity=identity, out=layout.diagnostics(run_dir))
 
-    def _add_import_job(self, backbone: str, role: str, out: str) -> None:
+    def _add_import_job(self, backbone: str, role: str, model_dir: str, out: str) -> None:
         size, path = self.pretrained[(backbone, role)]
-        self.jobs[f"{Path(out).parent}/config.yaml"] = ImportGPTJob(
+        self.jobs[layout.config(model_dir)] = ImportGPTJob(
             size=size, image_size=self.cfg.data.image_size, path=path, out=out)
 
     def _add_teacher_jobs(self, backbone: str) -> None:
-        bb, tdir = self.backbones[backbone], self.teacher_dir(backbone)
+        bb, tdir, teacher = self.backbones[backbone], self.teacher_dir(backbone), self.teacher(backbone)
         if (backbone, "teacher") in self.pretrained:
-            self._add_import_job(backbone, "teacher", f"{tdir}/teacher.pt")
+            self._add_import_job(backbone, "teacher", tdir, teacher)
         else:
-            self.jobs[f"{tdir}/config.yaml"] = TrainJob(
+            self.jobs[layout.config(tdir)] = TrainJob(
                 study=self.name, backbone=backbone, method="teacher", seed=bb.teacher_seed, model=bb.teacher,
                 kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=bb.teacher_optim,
                 codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=tdir,
-                checkpoint_name="teacher.pt")
+                checkpoint_name=Path(teacher).name)
         if self.cfg.cache_teacher_logits:
-            self.jobs[f"{tdir}/logits.yaml"] = TeacherLogitsJob(
-                teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"), out=f"{tdir}/logits_train.npy")
-        self._add_generation_jobs(tdir, f"{tdir}/teacher.pt",
+            self.jobs[layout.teacher_logits_config(self.name, backbone)] = TeacherLogitsJob(
+                teacher=teacher, codes_train=self.codes("train"), out=layout.teacher_logits(self.name, backbone))
+        self._add_generation_jobs(tdir, teacher,
                                   {"backbone": backbone, "method": "teacher", "seed": bb.teacher_seed}, bb.teacher_seed,
                                   bb.teacher_cfg_scale)
 
@@ -590,23 +595,24 @@ class Study:
         the workflow; None: from scratch."""
         if self.cfg.student_pretrain is None and (backbone, "student") not in self.pretrained:
             return None
-        return self.path(backbone, "student_init", "student.pt")
+        return layout.student(layout.student_init_dir(self.name, backbone))
 
     def _add_student_init_jobs(self, backbone: str) -> None:
-        bb, sdir = self.backbones[backbone], self.path(backbone, "student_init")
+        bb, sdir = self.backbones[backbone], layout.student_init_dir(self.name, backbone)
         if (backbone, "student") in self.pretrained:
-            self._add_import_job(backbone, "student", f"{sdir}/student.pt")
+            self._add_import_job(backbone, "student", sdir, layout.student(sdir))
         else:
-            self.jobs[f"{sdir}/config.yaml"] = TrainJob(
+            self.jobs[layout.config(sdir)] = TrainJob(
                 study=self.name, backbone=backbone, method="student_init", seed=bb.teacher_seed, model=bb.student,
                 kd=MethodConfig(terms=[TermConfig(divergence="ce")]), optim=self.cfg.student_pretrain,
                 codes_train=self.codes("train"), codes_val=self.codes("val"), out_dir=sdir)
         identity = {"backbone": backbone, "method": "student_init", "seed": bb.teacher_seed}
-        sample = self._add_generation_jobs(sdir, f"{sdir}/student.pt", identity, bb.teacher_seed, bb.student_cfg_scale)
+        sample = self._add_generation_jobs(sdir, layout.student(sdir), identity, bb.teacher_seed,
+                                           bb.student_cfg_scale)
         if self.cfg.evaluate.noise_seeds:
-            self.jobs[f"{sdir}/noise.yaml"] = NoiseFloorJob(
+            self.jobs[layout.noise_config(self.name, backbone)] = NoiseFloorJob(
                 sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
-                checkpoint=f"{sdir}/student.pt", tokenizer=self.tokenizer, reference=self.images,
+                checkpoint=layout.student(sdir), tokenizer=self.tokenizer, reference=self.images,
                 classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
         self._add_diagnose_job(backbone, sdir, identity)
 
@@ -616,46 +622,48 @@ class Study:
         pool_job = PoolJob(model=checkpoint, codes_train=self.codes("train"), rollout=rollout, seed=seed,
                            out_dir=pool, logits=logits, num_shards=self.cfg.pool_shards)
         if pool_job.num_shards == 1:
-            self.jobs[f"{pool}/config.yaml"] = pool_job
+            self.jobs[layout.config(pool)] = pool_job
         else:
-            shards = [f"{pool}/shards/shard{i}.npz" for i in range(pool_job.num_shards)]
+            shards = [layout.pool_shard(pool, i) for i in range(pool_job.num_shards)]
             for i, shard in enumerate(shards):
-                self.jobs[shard.replace(".npz", ".yaml")] = dataclasses.replace(pool_job, shard=i)
-            self.jobs[f"{pool}/config.yaml"] = GatherCodesJob(shards=shards, out_dir=pool)
+                self.jobs[layout.config_of(shard)] = dataclasses.replace(pool_job, shard=i)
+            self.jobs[layout.config(pool)] = GatherCodesJob(shards=shards, out_dir=pool)
         return pool
 
     def _add_student_jobs(self, run: Run, optim: OptimConfig | None = None) -> None:
         method, tdir, rdir = self.methods[run.method], self.teacher_dir(run.backbone), self.run_dir(run)
+        teacher = self.teacher(run.backbone)
         seed = self.backbones[run.backbone].teacher_seed  # shared artefacts of a backbone: its teacher's seed
         pool, student_pool, clusters = None, None, None
         if method.uses_clusters:
             clusters = self.clusters(method.clusters, method.cluster_source, run.backbone)
-            source = (dict(teacher=f"{tdir}/teacher.pt", codes_train=self.codes("train"))
+            source = (dict(teacher=teacher, codes_train=self.codes("train"))
                       if method.cluster_source == "teacher" else dict(tokenizer=self.tokenizer))
-            self.jobs[clusters.replace(".npy", ".yaml")] = ClusterJob(**source, num_clusters=method.clusters,
+            self.jobs[layout.config_of(clusters)] = ClusterJob(**source, num_clusters=method.clusters,
                                                                       out=clusters)
         if method.uses_teacher_pool:
-            pool = self._add_pool_jobs(tdir, f"{tdir}/teacher.pt", self.pool_sampling(run.backbone, method, "teacher"),
+            pool = self._add_pool_jobs(tdir, teacher, self.pool_sampling(run.backbone, method, "teacher"),
                                        seed, logits=self.cfg.cache_teacher_logits)
         if method.uses_student_pool:
             init = self.student_init(run.backbone)
             if init is None:
                 raise ConfigError(f"method {run.method!r} sets rollout.student_pool, drawn from the backbone's student "
                                   f"init, but backbone {run.backbone!r} has none (set student_pretrain)")
-            student_pool = self._add_pool_jobs(str(Path(init).parent), init,
+            student_pool = self._add_pool_jobs(layout.student_init_dir(self.name, run.backbone), init,
                                                self.pool_sampling(run.backbone, method, "student"), seed, logits=False)
         cached = self.cfg.cache_teacher_logits
         live = method.needs_live_teacher or (not cached and (method.uses_cached_logits or pool is not None))
-        self.jobs[f"{rdir}/config.yaml"] = TrainJob(
+        self.jobs[layout.config(rdir)] = TrainJob(
             study=self.name, backbone=run.backbone, method=run.method, seed=run.seed,
             model=self.backbones[run.backbone].student, kd=method, optim=optim or self.cfg.student_optim,
             codes_train=self.codes("train"), codes_val=self.codes("val"),
-            teacher=f"{tdir}/teacher.pt" if live else None,
-            teacher_logits=f"{tdir}/logits_train.npy" if method.uses_cached_logits and cached else None,
+            teacher=teacher if live else None,
+            teacher_logits=(layout.teacher_logits(self.name, self.teacher_owner(run.backbone))
+                            if method.uses_cached_logits and cached else None),
             teacher_pool=pool, pool_logits=cached, student_pool=student_pool, init=self.student_init(run.backbone),
             clusters=clusters, out_dir=rdir)
         identity = {"backbone": run.backbone, "method": run.method, "seed": run.seed}
-        self._add_generation_jobs(rdir, f"{rdir}/student.pt", identity, run.seed,
+        self._add_generation_jobs(rdir, layout.student(rdir), identity, run.seed,
                                   self.backbones[run.backbone].student_cfg_scale)
         if self.diagnosed(run):
             self._add_diagnose_job(run.backbone, rdir, identity)

@@ -1,11 +1,12 @@
 import dataclasses
 import json
+import os
 import re
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from varkd.config import SPLITS, ConfigError, load_yaml
+from varkd import layout
+from varkd.config import SPLITS, ConfigError, code_set_files, load_yaml
 from varkd.search import kept as search_kept
 from varkd.study import Study
 
@@ -18,6 +19,16 @@ try:
     STUDY = Study.load(config, source=" + ".join(map(str, workflow.configfiles)) or "study config")
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+
+
+# The rules' paths are the results layout's (varkd/layout.py), the functions Study builds its paths with, called with
+# wildcard placeholders: layout.tokenizer("{study}") is the pattern of layout.tokenizer("embedded").
+RUN = layout.folder("{study}", "{rundir}")  # a teacher's, a student init's or a student run's folder (wildcard rundir)
+TEACHER = layout.teacher_dir("{study}", "{backbone}")
+INIT = layout.student_init_dir("{study}", "{backbone}")
+STUDENT_RUN = layout.run_dir("{study}", "{backbone}", "{method}", "{seed}")
+POOL_MODEL = layout.model_dir("{study}", "{backbone}", "{poolmodel}")  # a teacher or a student init, drawing a pool
+POOL = layout.pool_dir(POOL_MODEL, "{pool}")
 
 
 def job(config_path):
@@ -37,10 +48,11 @@ def one_of(names):
 
 
 # What every rule running a `varkd` command states the same way, by its name (Snakemake's directives take no defaults
-# per rule): `log: log_file(name)`, `threads: cpus(rule)`, `resources: **cluster_resources(rule)`.
-def log_file(name):
-    """A job's log file: name is the rule's (with the wildcards that tell its jobs apart), e.g. "{rundir}/sample"."""
-    return f"results/logs/{{study}}/{name}.log"
+# per rule): `log: log_file(name[, folder])`, `threads: cpus(rule)`, `resources: **cluster_resources(rule)`.
+def log_file(name, folder=layout.study_dir("{study}")):
+    """A job's log (layout.log): named for what the job does in `folder` (by default the study's), with the wildcards
+    that tell its jobs apart, e.g. log_file("sample", RUN)."""
+    return layout.log(folder, name)
 
 
 def cpus(rule):
@@ -70,4 +82,4 @@ def search_target(wildcards):
     """The search's report; a study without a `search` section says so instead of doing nothing."""
     if STUDY.cfg.search is None:
         raise WorkflowError(f"study {STUDY.name!r} has no `search` section: varkd_search has nothing to search")
-    return STUDY.path("search", "search.md")
+    return layout.search_report(STUDY.name, "md")

@@ -1,9 +1,9 @@
 rule resolve_config:
     """A job's config, written before the job; it changes (and so reruns the job) only when its text does."""
     output:
-        "results/{study}/{job}.yaml",
+        layout.job_config("{study}", "{job}"),
     params:
-        text=lambda wc: STUDY.job_text(f"results/{wc.study}/{wc.job}.yaml"),
+        text=lambda wc: STUDY.job_text(layout.job_config(wc.study, wc.job)),
     localrule: True
     shell:  # a shell write, not `run:`: Snakemake would start a Python process that re-parses the workflow
         "printf '%s' {params.text:q} > {output}.tmp && mv {output}.tmp {output}"
@@ -14,9 +14,9 @@ if STUDY.cfg.tokenizer.pretrained:
     rule import_tokenizer:
         """The released tokenizer (e.g. vq_ds16_c2i.pt), checked key for key and rewritten as a varkd checkpoint."""
         input:
-            unpack(job("results/{study}/data/tokenizer/config.yaml")),
+            unpack(job(layout.config(layout.tokenizer_dir("{study}")))),
         output:
-            "results/{study}/data/tokenizer/tokenizer.pt",
+            layout.tokenizer("{study}"),
         log:
             log_file("import_tokenizer"),
         threads: cpus("import_tokenizer")
@@ -31,9 +31,9 @@ if STUDY.imagefolder:
     rule index_images:
         """The sorted file list and class ids of one ImageFolder split, which the extraction shards divide."""
         input:
-            unpack(job("results/{study}/data/index/{split}.yaml")),
+            unpack(job(layout.config_of(layout.index("{study}", "{split}")))),
         output:
-            "results/{study}/data/index/{split}.npz",
+            layout.index("{study}", "{split}"),
         log:
             log_file("index_images_{split}"),
         threads: cpus("index_images")
@@ -45,9 +45,9 @@ if STUDY.imagefolder:
     rule extract_code_shard:
         """Codes of one shard of a split (train: LlamaGen's ten crops), one cluster job per shard."""
         input:
-            unpack(job("results/{study}/data/codes/{split}/shards/shard{shard}.yaml")),
+            unpack(job(layout.config_of(layout.code_shard("{study}", "{split}", "{shard}")))),
         output:
-            "results/{study}/data/codes/{split}/shards/shard{shard}.npz",
+            layout.code_shard("{study}", "{split}", "{shard}"),
         log:
             log_file("extract_codes/{split}_shard{shard}"),
         threads: cpus("extract_code_shard")
@@ -59,10 +59,9 @@ if STUDY.imagefolder:
     rule gather_codes:
         """A split's shards, in order, into one memory-mapped code set."""
         input:
-            unpack(job("results/{study}/data/codes/{split}/config.yaml")),
+            unpack(job(layout.config(layout.codes("{study}", "{split}")))),
         output:
-            "results/{study}/data/codes/{split}/codes.npy",
-            "results/{study}/data/codes/{split}/labels.npy",
+            code_set_files(layout.codes("{study}", "{split}")),
         log:
             log_file("gather_codes_{split}"),
         threads: cpus("gather_codes")
@@ -75,9 +74,9 @@ else:
 
     rule prepare_data:
         input:
-            unpack(job("results/{study}/data/config.yaml")),
+            unpack(job(layout.config(layout.data_dir("{study}")))),
         output:
-            "results/{study}/data/images.npz",
+            layout.images("{study}"),
         log:
             log_file("prepare_data"),
         threads: cpus("prepare_data")
@@ -88,9 +87,9 @@ else:
 
     rule extract_codes:
         input:
-            unpack(job("results/{study}/data/codes/config.yaml")),
+            unpack(job(layout.config(layout.codes_dir("{study}")))),
         output:
-            expand("results/{{study}}/data/codes/{split}/{file}", split=SPLITS, file=("codes.npy", "labels.npy")),
+            [file for split in SPLITS for file in code_set_files(layout.codes("{study}", split))],
         log:
             log_file("extract_codes"),
         threads: cpus("extract_codes")
@@ -104,9 +103,9 @@ if not STUDY.cfg.tokenizer.pretrained:
 
     rule train_tokenizer:
         input:
-            unpack(job("results/{study}/data/tokenizer/config.yaml")),
+            unpack(job(layout.config(layout.tokenizer_dir("{study}")))),
         output:
-            "results/{study}/data/tokenizer/tokenizer.pt",
+            layout.tokenizer("{study}"),
         log:
             log_file("train_tokenizer"),
         threads: cpus("train_tokenizer")
@@ -120,9 +119,9 @@ if STUDY.classifier:
 
     rule train_classifier:
         input:
-            unpack(job("results/{study}/data/classifier/config.yaml")),
+            unpack(job(layout.config(layout.classifier_dir("{study}")))),
         output:
-            "results/{study}/data/classifier/classifier.pt",
+            layout.classifier("{study}"),
         log:
             log_file("train_classifier"),
         threads: cpus("train_classifier")
@@ -136,11 +135,11 @@ rule cluster_codebook:
     """The codebook in k equal-size clusters, for distillation in the compressed token space: of the code vectors
     (clusterdir data/clusters) or of a teacher's co-occurrence (clusterdir <backbone>/teacher/clusters)."""
     input:
-        unpack(job("results/{study}/{clusterdir}/k{k}.yaml")),
+        unpack(job(layout.config_of(layout.clusters(layout.folder("{study}", "{clusterdir}"), "{k}")))),
     output:
-        "results/{study}/{clusterdir}/k{k}.npy",
+        layout.clusters(layout.folder("{study}", "{clusterdir}"), "{k}"),
     log:
-        log_file("{clusterdir}/cluster_codebook_k{k}"),
+        log_file("cluster_codebook_k{k}", layout.folder("{study}", "{clusterdir}")),
     threads: cpus("cluster_codebook")
     resources:
         **cluster_resources("cluster_codebook"),

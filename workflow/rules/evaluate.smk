@@ -3,13 +3,13 @@ if STUDY.cfg.sample.num_shards == 1:
     rule sample:
         """Class-balanced samples of a teacher or student run, a grid of them, and validation samples."""
         input:
-            unpack(job("results/{study}/{rundir}/sample.yaml")),
+            unpack(job(layout.sample_config(RUN))),
         output:
-            "results/{study}/{rundir}/samples.npz",
-            "results/{study}/{rundir}/grid.png",
-            ["results/{study}/{rundir}/samples_val.npz"] * bool(STUDY.cfg.sample.val_num_samples),
+            layout.samples(RUN),
+            layout.grid(RUN),
+            [layout.val_samples(RUN)] * bool(STUDY.cfg.sample.val_num_samples),
         log:
-            log_file("{rundir}/sample"),
+            log_file("sample", RUN),
         threads: cpus("sample")
         resources:
             **cluster_resources("sample"),
@@ -21,11 +21,11 @@ else:
     rule sample_shard:
         """One shard of a run's class-balanced samples (paper scale: 50k over sample.num_shards jobs)."""
         input:
-            unpack(job("results/{study}/{rundir}/samples/shard{shard}.yaml")),
+            unpack(job(layout.config_of(layout.sample_shard(RUN, "{shard}")))),
         output:
-            "results/{study}/{rundir}/samples/shard{shard}.npz",
+            layout.sample_shard(RUN, "{shard}"),
         log:
-            log_file("{rundir}/sample_shard{shard}"),
+            log_file("sample_shard{shard}", RUN),
         threads: cpus("sample_shard")
         resources:
             **cluster_resources("sample_shard"),
@@ -35,12 +35,12 @@ else:
     rule gather_samples:
         """A run's sample shards into samples.npz (ADM layout: arr_0 uint8 NHWC) and a grid of them."""
         input:
-            unpack(job("results/{study}/{rundir}/samples/gather.yaml")),
+            unpack(job(layout.gather_samples_config(RUN))),
         output:
-            "results/{study}/{rundir}/samples.npz",
-            "results/{study}/{rundir}/grid.png",
+            layout.samples(RUN),
+            layout.grid(RUN),
         log:
-            log_file("{rundir}/gather_samples"),
+            log_file("gather_samples", RUN),
         threads: cpus("gather_samples")
         resources:
             **cluster_resources("gather_samples"),
@@ -51,11 +51,11 @@ else:
 rule evaluate:
     """FID / IS / precision / recall of a run's samples against the held-out images, and its validation NLL."""
     input:
-        unpack(job("results/{study}/{rundir}/evaluate.yaml")),
+        unpack(job(layout.evaluate_config(RUN))),
     output:
-        "results/{study}/{rundir}/metrics.json",
+        layout.metrics(RUN),
     log:
-        log_file("{rundir}/evaluate"),
+        log_file("evaluate", RUN),
     threads: cpus("evaluate")
     resources:
         **cluster_resources("evaluate"),
@@ -67,11 +67,11 @@ rule noise_floor:
     """A backbone's student init sampled with several sampling seeds and scored each time: the metrics' noise
     floor that the tables quote."""
     input:
-        unpack(job("results/{study}/{backbone}/student_init/noise.yaml")),
+        unpack(job(layout.noise_config("{study}", "{backbone}"))),
     output:
-        "results/{study}/{backbone}/student_init/noise.json",
+        layout.noise("{study}", "{backbone}"),
     log:
-        log_file("{backbone}/student_init/noise"),
+        log_file("noise", layout.student_init_dir("{study}", "{backbone}")),
     threads: cpus("noise_floor")
     resources:
         **cluster_resources("noise_floor"),
@@ -83,11 +83,11 @@ rule diagnose:
     """Where the teacher's supervision of a student is unreliable: teacher NLL, entropy, confidence, acceptance,
     top-1 agreement and KL to the student per raster position, on held-out and student-sampled sequences."""
     input:
-        unpack(job("results/{study}/{rundir}/diagnose.yaml")),
+        unpack(job(layout.diagnose_config(RUN))),
     output:
-        "results/{study}/{rundir}/diagnostics.csv",
+        layout.diagnostics(RUN),
     log:
-        log_file("{rundir}/diagnose"),
+        log_file("diagnose", RUN),
     threads: cpus("diagnose")
     resources:
         **cluster_resources("diagnose"),
@@ -100,11 +100,11 @@ if STUDY.images:
     rule evaluate_real:
         """The floor: real training images scored like samples, against the same held-out images."""
         input:
-            unpack(job("results/{study}/real/evaluate.yaml")),
+            unpack(job(layout.evaluate_config(layout.real_dir("{study}")))),
         output:
-            "results/{study}/real/metrics.json",
+            layout.metrics(layout.real_dir("{study}")),
         log:
-            log_file("real/evaluate"),
+            log_file("evaluate", layout.real_dir("{study}")),
         threads: cpus("evaluate_real")
         resources:
             **cluster_resources("evaluate_real"),

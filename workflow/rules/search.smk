@@ -13,12 +13,12 @@ checkpoint search_stage:
     input:
         search_stage_files,
     output:
-        "results/{study}/search/stage{stage}.csv",
+        layout.search_stage("{study}", "{stage}"),
     params:
-        metrics=lambda wc, input: [p for p in input if Path(p).name == "metrics.json"],
+        metrics=lambda wc, input: [p for p in input if p == layout.metrics(os.path.dirname(p))],
         keep=lambda wc: STUDY.cfg.search.stages[int(wc.stage)].keep,
     log:
-        log_file("search/stage{stage}"),
+        log_file("stage{stage}", layout.search_dir("{study}")),
     shell:
         "varkd search-stage {params.metrics} --keep {params.keep} --out {output} > {log} 2>&1"
 
@@ -28,15 +28,18 @@ rule search_report:
     input:
         lambda wc: [STUDY.search_stage_table(i) for i in range(len(STUDY.cfg.search.stages))],
     output:
-        "results/{study}/search/search.csv",
-        report("results/{study}/search/search.md", caption="../report/search.rst", category="Search"),
-        report("results/{study}/plots/search.png", caption="../report/search.rst", category="Search"),
-        "results/{study}/plots/search.pdf",
+        layout.search_report("{study}", "csv"),
+        report(layout.search_report("{study}", "md"), caption="../report/search.rst", category="Search"),
+        report(layout.search_figure("{study}", "png"), caption="../report/search.rst", category="Search"),
+        layout.search_figure("{study}", "pdf"),
     params:
         reads=lambda wc: json.dumps({c.name: c.reads for c in STUDY.cfg.search.candidates}),
         steps=lambda wc: [STUDY.search_optim(i).steps for i in range(len(STUDY.cfg.search.stages))],
     log:
-        log_file("search/report"),
+        log_file("report", layout.search_dir("{study}")),
     shell:
-        "varkd search-report {input} --reads {params.reads:q} --steps {params.steps}"
-        " --out-dir results/{wildcards.study}/search --figure results/{wildcards.study}/plots/search > {log} 2>&1"
+        "varkd search-report {input} --reads {params.reads:q} --steps {params.steps} --out-dir "
+        + layout.search_dir("{wildcards.study}")
+        + " --figure "
+        + layout.search_figure("{wildcards.study}")
+        + " > {log} 2>&1"

@@ -8,11 +8,11 @@ rule import_teacher:
     wildcard_constraints:
         backbone=one_of(PRETRAINED_TEACHERS),
     input:
-        unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
+        unpack(job(layout.config(TEACHER))),
     output:
-        "results/{study}/{backbone}/teacher/teacher.pt",
+        layout.teacher("{study}", "{backbone}"),
     log:
-        log_file("{backbone}/teacher/import"),
+        log_file("import", TEACHER),
     threads: cpus("import_teacher")
     resources:
         **cluster_resources("import_teacher"),
@@ -26,11 +26,11 @@ rule import_student:
     wildcard_constraints:
         backbone=one_of(PRETRAINED_STUDENTS),
     input:
-        unpack(job("results/{study}/{backbone}/student_init/config.yaml")),
+        unpack(job(layout.config(INIT))),
     output:
-        "results/{study}/{backbone}/student_init/student.pt",
+        layout.student(INIT),
     log:
-        log_file("{backbone}/student_init/import"),
+        log_file("import", INIT),
     threads: cpus("import_student")
     resources:
         **cluster_resources("import_student"),
@@ -44,11 +44,11 @@ rule train_teacher:
     wildcard_constraints:
         backbone=one_of(set(STUDY.teacher_owners) - set(PRETRAINED_TEACHERS)),
     input:
-        unpack(job("results/{study}/{backbone}/teacher/config.yaml")),
+        unpack(job(layout.config(TEACHER))),
     output:
-        "results/{study}/{backbone}/teacher/teacher.pt",
+        layout.teacher("{study}", "{backbone}"),
     log:
-        log_file("{backbone}/teacher/train"),
+        log_file("train", TEACHER),
     threads: cpus("train_teacher")
     resources:
         **cluster_resources("train_teacher"),
@@ -60,11 +60,11 @@ rule cache_teacher_logits:
     """The teacher's logits on every training sequence, computed once per teacher for ground-truth KD."""
     priority: 10
     input:
-        unpack(job("results/{study}/{backbone}/teacher/logits.yaml")),
+        unpack(job(layout.teacher_logits_config("{study}", "{backbone}"))),
     output:
-        "results/{study}/{backbone}/teacher/logits_train.npy",
+        layout.teacher_logits("{study}", "{backbone}"),
     log:
-        log_file("{backbone}/teacher/logits"),
+        log_file("logits", TEACHER),
     threads: cpus("cache_teacher_logits")
     resources:
         **cluster_resources("cache_teacher_logits"),
@@ -79,13 +79,12 @@ if STUDY.cfg.pool_shards == 1:
         them (SeqKD, DistiLLM-2)."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/teacher/{pool}/config.yaml")),
+            unpack(job(layout.config(layout.pool_dir(TEACHER, "{pool}")))),
         output:  # a code set, and the logits where the study caches them
-            "results/{study}/{backbone}/teacher/{pool}/codes.npy",
-            "results/{study}/{backbone}/teacher/{pool}/labels.npy",
-            ["results/{study}/{backbone}/teacher/{pool}/logits.npy"] * STUDY.cfg.cache_teacher_logits,
+            code_set_files(layout.pool_dir(TEACHER, "{pool}")),
+            [layout.pool_logits(layout.pool_dir(TEACHER, "{pool}"))] * STUDY.cfg.cache_teacher_logits,
         log:
-            log_file("{backbone}/teacher/{pool}"),
+            log_file("{pool}", TEACHER),
         threads: cpus("teacher_pool")
         resources:
             **cluster_resources("teacher_pool"),
@@ -97,12 +96,11 @@ if STUDY.cfg.pool_shards == 1:
         responses); no logits: the teacher scores them live."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/student_init/{pool}/config.yaml")),
+            unpack(job(layout.config(layout.pool_dir(INIT, "{pool}")))),
         output:
-            "results/{study}/{backbone}/student_init/{pool}/codes.npy",
-            "results/{study}/{backbone}/student_init/{pool}/labels.npy",
+            code_set_files(layout.pool_dir(INIT, "{pool}")),
         log:
-            log_file("{backbone}/student_init/{pool}"),
+            log_file("{pool}", INIT),
         threads: cpus("student_pool")
         resources:
             **cluster_resources("student_pool"),
@@ -115,11 +113,11 @@ else:
         """One shard of a teacher or student-init pool (paper scale: 1.28M samples over pool_shards jobs)."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/{poolmodel}/{pool}/shards/shard{shard}.yaml")),
+            unpack(job(layout.config_of(layout.pool_shard(POOL, "{shard}")))),
         output:
-            "results/{study}/{backbone}/{poolmodel}/{pool}/shards/shard{shard}.npz",
+            layout.pool_shard(POOL, "{shard}"),
         log:
-            log_file("{backbone}/{poolmodel}/{pool}_shard{shard}"),
+            log_file("{pool}_shard{shard}", POOL_MODEL),
         threads: cpus("pool_shard")
         resources:
             **cluster_resources("pool_shard"),
@@ -130,12 +128,11 @@ else:
         """A pool's shards, in order, into its code set."""
         priority: 10
         input:
-            unpack(job("results/{study}/{backbone}/{poolmodel}/{pool}/config.yaml")),
+            unpack(job(layout.config(POOL))),
         output:
-            "results/{study}/{backbone}/{poolmodel}/{pool}/codes.npy",
-            "results/{study}/{backbone}/{poolmodel}/{pool}/labels.npy",
+            code_set_files(POOL),
         log:
-            log_file("{backbone}/{poolmodel}/{pool}_gather"),
+            log_file("{pool}_gather", POOL_MODEL),
         threads: cpus("gather_pool")
         resources:
             **cluster_resources("gather_pool"),
@@ -149,11 +146,11 @@ rule pretrain_student:
     wildcard_constraints:
         backbone=one_of(set(STUDY.cfg.backbones) - set(PRETRAINED_STUDENTS)),
     input:
-        unpack(job("results/{study}/{backbone}/student_init/config.yaml")),
+        unpack(job(layout.config(INIT))),
     output:
-        "results/{study}/{backbone}/student_init/student.pt",
+        layout.student(INIT),
     log:
-        log_file("{backbone}/student_init/train"),
+        log_file("train", INIT),
     threads: cpus("pretrain_student")
     resources:
         **cluster_resources("pretrain_student"),
@@ -163,11 +160,11 @@ rule pretrain_student:
 
 rule train_student:
     input:
-        unpack(job("results/{study}/{backbone}/{method}/seed{seed}/config.yaml")),
+        unpack(job(layout.config(STUDENT_RUN))),
     output:
-        "results/{study}/{backbone}/{method}/seed{seed}/student.pt",
+        layout.student(STUDENT_RUN),
     log:
-        log_file("{backbone}/{method}/seed{seed}/train"),
+        log_file("train", STUDENT_RUN),
     threads: cpus("train_student")
     resources:
         **cluster_resources("train_student"),
