@@ -11,6 +11,7 @@ from varkd.classifier import Classifier, ClassifierConfig
 from varkd.codes import load_code_set, save_code_set
 from varkd.config import EvaluateConfig, EvaluateJob, NoiseFloorJob, SampleConfig
 from varkd.data import Split, save_splits
+from varkd.decode import Decoder, generate
 from varkd.distill import heldout_nll
 from varkd.jobs import NOISE_STREAM, draw_images, evaluate, noise_floor, sample_seed
 from varkd.metrics import compute_metrics
@@ -106,3 +107,16 @@ def test_noise_floor_is_the_spread_of_independently_sampled_sets(study, tmp_path
     assert [s["fid"] for s in noise["sets"]] == expected and len(set(expected)) == 3
     assert noise["sd"]["fid"] == pytest.approx(np.std(expected, ddof=1), rel=1e-12)
     assert noise["mean"]["fid"] == pytest.approx(np.mean(expected), rel=1e-12)
+
+
+def test_bf16_sampling_decodes_with_a_bf16_copy_of_the_model(study):
+    """sample.precision=bf16 (paper scale, as LlamaGen samples): the images of the bf16 decoding copy's codes, with
+    the sampling stream the fp32 default uses."""
+    root, _ = study
+    model, vq = load_gpt(root / "gpt.pt"), load_vq(root / "vq.pt")
+    labels = np.array([0, 1, 1, 0])
+    sample = SampleConfig(num_samples=4, batch_size=4, cfg_scale=1.0, precision="bf16")
+    images = draw_images(model, vq, labels, sample, seed=3, device=CPU)
+    codes = generate(Decoder(model, torch.bfloat16), torch.from_numpy(labels), generator=torch.Generator().manual_seed(3))
+    assert images.dtype == np.uint8 and np.array_equal(images, vq.decode_to_uint8(codes).numpy())
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the model itself is not cast

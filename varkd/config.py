@@ -389,9 +389,11 @@ class SampleConfig:
     grid_classes: int = 10  # rows of grid.png: the first classes (ImageNet has 1,000)
     num_shards: int = 1  # jobs the samples are split over (paper scale: 50k samples), gathered into samples.npz
     resize_to: int = 0  # 0 keeps the decoded size; LlamaGen decodes 384px models and resizes bicubic to 256 for FID
+    precision: str = "fp32"  # the decoding copy's weights and KV cache: fp32 | bf16 (LlamaGen samples in bf16)
 
     def __post_init__(self):
         _check_positive(self, "num_samples", "batch_size", "grid_per_class", "grid_classes", "num_shards")
+        _check_choice("sample.precision", self.precision, ("fp32", "bf16"))
         if self.val_num_samples < 0 or (self.val_num_samples and self.num_shards > 1):
             raise ConfigError(f"sample.val_num_samples={self.val_num_samples} must be >= 0, and 0 when samples are "
                               f"drawn in shards (num_shards={self.num_shards})")

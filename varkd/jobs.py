@@ -144,7 +144,8 @@ def draw_images(model: GPT, vq: VQModel, labels: np.ndarray, cfg: SampleConfig, 
                 device: torch.device) -> np.ndarray:
     """Plain AR samples (KV cache, CFG) of `labels`, decoded to uint8 NHWC; sample.resize_to > 0 resizes them bicubic
     before the uint8 conversion (VQModel.decode_to_uint8)."""
-    generator, images, decoder = torch.Generator(device).manual_seed(seed), [], Decoder(model)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    generator, images, decoder = torch.Generator(device).manual_seed(seed), [], Decoder(model, dtype)
     for i in range(0, len(labels), cfg.batch_size):
         codes = generate(decoder, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg_scale=cfg.cfg_scale,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
