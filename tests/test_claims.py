@@ -44,6 +44,26 @@ def test_metric_claims_from_a_summary():
     assert "**holds**" in md and "-3.500 ± 1.118" in md and "Not measured" in md
 
 
+def test_each_component_is_judged_by_its_ablation_against_varkd():
+    summary = tables.summarise(runs(
+        varkd=[(16.0, 2.00), (16.2, 2.02)],  # fid 16.1 ± 0.1, nll 2.01 ± 0.01
+        varkd_no_reweight=[(18.0, 2.00), (18.4, 2.04)],  # FID worse beyond the noise: reweighting helps; NLL within
+        varkd_gt_data=[(15.0, 1.80), (15.2, 1.82)],  # better on both: distilling on student samples does not help
+        varkd_ar_rollouts=[(16.0, 2.0), (16.2, 2.02)],  # the same method at another cost: no claim row
+    ))
+    frame = claims.claims([summary], pd.DataFrame(columns=["backbone", "method", "context", "position", "quantity",
+                                                           "mean", "se"]))
+    rows = frame[frame["claim"] == "components_help"].set_index(["evidence", "metric"])
+    reweight, gt = "varkd_no_reweight - varkd (without reweighting)", \
+        "varkd_gt_data - varkd (without distilling on student samples)"
+    assert rows.loc[(reweight, "fid"), "difference"] == pytest.approx(2.1)
+    assert rows.loc[(reweight, "fid"), "verdict"] == "holds"
+    assert rows.loc[(reweight, "nll"), "verdict"] == "within noise"
+    assert rows.loc[(gt, "fid"), "verdict"] == rows.loc[(gt, "nll"), "verdict"] == "does not hold"
+    assert len(rows) == 4 and claims.overall(frame, "components_help") == "does not hold"
+    assert "## Each component of VarKD helps" in claims.markdown(frame)
+
+
 def test_one_seed_is_not_measured():
     summary = tables.summarise(runs(ce=[(20.0, 2.0)], fkl=[(10.0, 1.0)]))
     frame = claims.claims([summary], pd.DataFrame(columns=["backbone", "method", "context", "position", "quantity",

@@ -1,6 +1,6 @@
 """The paper's qualitative claims, each set against the study's own measurements: tables/claims.{csv,md}.
 
-The abstract of VarKD (arXiv 2606.06078) makes four claims a miniature can test. Each is measured as differences
+The abstract of VarKD (arXiv 2606.06078) makes five claims a miniature can test. Each is measured as differences
 of means with their standard errors (from the seeds for the metrics, from the sequences for the diagnostics), and
 judged: `holds` when the evidence is on the claim's side outside the noise (more than tables.SIGNIFICANCE standard
 errors), `does not hold` when it is on the other side outside the noise, `within noise` otherwise, and
@@ -23,7 +23,12 @@ CLAIMS = {
     "student_contexts_less_reliable": "Teacher supervision is less reliable under student-sampled contexts than "
                                       "under ground-truth ones, increasingly along the decoding horizon",
     "varkd_beats_baselines": "VarKD beats every distillation baseline",
+    "components_help": "Each component of VarKD helps: the student is worse without it",
 }
+# the ablation presets (config/methods) and the component each removes; SJD rollouts (varkd_ar_rollouts) are not
+# here: parallel decoding is lossless (tests/test_sjd.py), so it changes the cost, not the result
+COMPONENTS = {"varkd_gt_data": "distilling on student samples", "varkd_no_selective": "selective supervision",
+              "varkd_no_reweight": "reweighting", "varkd_no_clusters": "the compressed token space"}
 LLM_METHODS = ("imitkd", "gkd", "onpolicy_rkl", "distillm", "distillm2")  # LLM-style KD baselines of the study
 COMPARED = ("fid", "nll")  # the quality metrics the verdicts rest on (test split)
 # diagnostics (varkd.diagnostics) that say how reliable the teacher's supervision is; +1: higher is less reliable
@@ -75,6 +80,10 @@ def metric_claims(summary: pd.DataFrame) -> list[dict]:
                 for method in baselines:
                     rows.append(_row("varkd_beats_baselines", backbone, f"varkd - {method}", metric,
                                      *compare("varkd", method, metric), side))
+                for ablation, component in COMPONENTS.items():
+                    if ablation in block.index:  # the ablation worse than varkd supports the claim
+                        rows.append(_row("components_help", backbone, f"{ablation} - varkd (without {component})",
+                                         metric, *compare(ablation, "varkd", metric), -side))
     return rows
 
 
