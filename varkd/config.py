@@ -342,10 +342,6 @@ class MethodConfig:
             raise ConfigError("at most one term may use data=adaptive (it owns the replay buffer)")
 
     @property
-    def needs_teacher(self) -> bool:
-        return any(t.uses_teacher_logits or t.data == "teacher" for t in self.terms)
-
-    @property
     def uses_cached_logits(self) -> bool:
         """Some steps distil on ground-truth codes, whose teacher logits are cached once per teacher."""
         return any(t.uses_teacher_logits and t.data in ("ground_truth", "mixed", "adaptive") for t in self.terms)
