@@ -7,9 +7,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from varkd import cli
-from varkd.config import (ConfigError, MethodConfig, TermConfig, TrainJob, WeightingConfig, load_job, structured,
-                          to_yaml)
+from varkd import cli, config, losses, schedules, sjd
+from varkd.config import (AdaptiveConfig, ConfigError, MethodConfig, RolloutConfig, TermConfig, TrainJob,
+                          WeightingConfig, load_job, structured, to_yaml)
 from varkd.study import Study
 from tests.helpers import REPO
 
@@ -408,3 +408,14 @@ def test_sweep_points_place_each_run_and_the_preset_on_the_axis(study_dict):
     assert not [f for f in study.figures("main") if "sweeps" in f]
     with pytest.raises(ConfigError, match="sweep names \\['k', 'k'\\] repeat"):
         Study.load({**study_dict, "sweeps": sweeps + [{**sweeps[0], "key": "rollout.window", "values": [8]}]})
+
+
+def test_config_checks_names_against_the_lists_their_modules_own():
+    """The divergences, SJD inits and replay ratios a config accepts are the implementing module's own lists."""
+    assert config.DIVERGENCES == ("ce", *losses.DIVERGENCES)
+    for init in sjd.INITS:
+        assert RolloutConfig(init=init).init == init
+    for ratio in schedules.REPLAY_RATIOS:
+        assert AdaptiveConfig(replay_ratio=ratio).replay_ratio == ratio
+    with pytest.raises(ConfigError, match="rollout.init"):
+        RolloutConfig(init="zeros")

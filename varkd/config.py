@@ -15,10 +15,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from varkd import losses, sjd
 from varkd.classifier import ClassifierConfig
 from varkd.models.gpt import GPTConfig
 from varkd.models.vq import VQConfig
-from varkd.schedules import MIXTURE_SCHEDULES
+from varkd.schedules import MIXTURE_SCHEDULES, REPLAY_RATIOS
 
 T = TypeVar("T")
 
@@ -147,7 +148,7 @@ class OptimConfig:
             raise ConfigError("warmup_steps, eval_every, grad_clip and loss_chunk must be >= 0")
 
 
-DIVERGENCES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")  # ce: hard labels; the rest: varkd.losses
+DIVERGENCES = ("ce", *losses.DIVERGENCES)  # ce: hard labels; the rest: varkd.losses
 DATA_SOURCES = ("ground_truth", "teacher", "student", "repaired", "mixed", "adaptive")
 SELECTORS = ("none", "confidence", "entropy", "acceptance", "topk")
 REWEIGHTS = ("none", "confidence", "entropy")
@@ -257,7 +258,7 @@ class RolloutConfig:
 
     def __post_init__(self):
         _check_choice("rollout.sampler", self.sampler, ("ar", "sjd"))
-        _check_choice("rollout.init", self.init, ("random", "repeat_horizon"))
+        _check_choice("rollout.init", self.init, sjd.INITS)
         _check_positive(self, "window")
         if self.cfg_scale < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("rollout needs cfg_scale >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
@@ -279,7 +280,7 @@ class AdaptiveConfig:
     eval_every: int = 54  # DistiLLM validates once per epoch: 3,500 embedded training sequences / batch 64
 
     def __post_init__(self):
-        _check_choice("replay_ratio", self.replay_ratio, ("decreasing", "constant", "increasing"))
+        _check_choice("replay_ratio", self.replay_ratio, REPLAY_RATIOS)
         _check_positive(self, "capacity", "eval_every", "increment")
         if not 0 <= self.init_threshold <= 1 or self.loss_eps < 0 or self.increment > 1:
             raise ConfigError("adaptive needs 0 <= init_threshold <= 1, loss_eps >= 0 and 0 < increment <= 1, got "
