@@ -41,7 +41,7 @@ def job(codes, out, method="ce", steps=12, kd=None, **kw) -> TrainJob:
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
-    """A 64-code, 10-class GPT with a random output layer (tests/test_sampling.py's)."""
+    """A 64-code, 10-class GPT with a random output layer (LlamaGen zero-inits it: every logit would tie)."""
     torch.manual_seed(seed)
     cfg = {**dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16), **overrides}
     model = GPT(GPTConfig(**cfg))

@@ -9,7 +9,7 @@ from varkd import distill
 from varkd.config import ConfigError, MethodConfig, OptimConfig, TermConfig, WeightingConfig
 from varkd.models.gpt import GPT, GPTConfig
 
-from tests.conftest import DETERMINISTIC, job
+from tests.helpers import DETERMINISTIC, job
 
 B, T, V = 3, 16, 32
 TERMS = {

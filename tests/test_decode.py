@@ -4,15 +4,9 @@ import pytest
 import torch
 
 from varkd.decode import Decoder, decode_step, generate
-from varkd.models.gpt import GPT, GPTConfig
 from varkd.sjd import generate_sjd
 
-
-def tiny_model(seed=0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16))
-    torch.nn.init.normal_(model.output.weight, std=1.0)  # LlamaGen zero-inits it: all logits would tie
-    return model
+from tests.helpers import tiny_model
 
 
 def gen(seed):

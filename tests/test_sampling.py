@@ -3,16 +3,9 @@ import pytest
 import torch
 
 from varkd.decode import generate
-from varkd.models.gpt import GPT, GPTConfig
 from varkd.sampling import cfg_logits, filter_logits, sample, sample_from_logits
 
-
-def tiny_model(seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    cfg = {**dict(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=10, block_size=16), **overrides}
-    model = GPT(GPTConfig(**cfg))
-    torch.nn.init.normal_(model.output.weight, std=1.0)  # LlamaGen zero-inits it: all logits would tie
-    return model
+from tests.helpers import tiny_model
 
 
 # --- logits processing -------------------------------------------------------------------------------------------
