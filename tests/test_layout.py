@@ -1,5 +1,6 @@
 """The results layout (varkd/layout.py) is the one place that spells paths under results/: the rules call it with
 wildcard placeholders, the study with values, and both get the same paths."""
+import ast
 import inspect
 import io
 import tokenize
@@ -74,3 +75,60 @@ def test_the_layout_of_the_embedded_study():
     assert layout.search_stage(study, 0) == "results/embedded/search/stage0.csv"
     with pytest.raises(ValueError, match="not under results/"):
         layout.log("elsewhere/run", "train")
+
+
+def varkd_imports() -> dict[str, set[str]]:
+    """module -> the varkd modules it imports, at module level or inside functions (the package imports lazily)."""
+    package = REPO / "varkd"
+    modules = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in sorted(package.rglob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from varkd import jobs` imports the module varkd.jobs; `from varkd.config import X` varkd.config
+                imported = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                            for alias in node.names]
+            else:
+                continue
+            graph[name] |= {m for m in imported if m in modules and m != name}
+    return graph
+
+
+def a_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One circle of imports as [a, b, ..., a], or [] if the graph runs downhill."""
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if cycle := visit(imported):
+                return cycle
+        path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if cycle := visit(module):
+            return cycle
+    return []
+
+
+def test_the_imports_run_downhill_with_the_cli_on_top():
+    graph = varkd_imports()
+    assert {"varkd.cli", "varkd.config", "varkd.models.gpt"} <= graph.keys() and "varkd.config" in graph["varkd.cli"]
+    cycle = a_cycle(graph)
+    assert not cycle, "an import circle: " + " -> ".join(cycle)
+    assert not [m for m, imported in graph.items() if "varkd.cli" in imported], "nothing imports the CLI back"
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert a_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     remove_partials(job.outputs())
                 if args.command == "train" and ranks is None and args.nproc > 1:
                     rank_parts(job.optim, args.nproc, 0)  # a batch that does not split fails here, not in each rank
-                    return distributed.launch(args.nproc, argv)  # each rank runs this command, finding its rank
+                    return distributed.launch(args.nproc, main, argv)  # each rank runs this command, finding its rank
                 with distributed.process_group(ranks, device) as device:
                     run(job, device)
     except (ConfigError, OSError, ValueError, KeyError, FloatingPointError, Busy) as err:

@@ -23,7 +23,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -80,17 +80,20 @@ def process_group(ranks: Optional[Ranks], device: torch.device) -> Iterator[torc
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `varkd <argv>` as nproc local ranks and return its exit status (that of the first rank to fail).
+def launch(nproc: int, main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run `main(argv)` as nproc local ranks and return its exit status (that of the first rank to fail).
 
-    A SIGTERM to this process is passed on to the ranks, which checkpoint the same step and exit together.
+    The caller's entry point (the CLI's `main`) is passed in, so that this module does not import the CLI above
+    it; spawn pickles it by name, so it must be a module-level function. A SIGTERM to this process is passed on to
+    the ranks, which checkpoint the same step and exit together.
     """
     import torch.multiprocessing as mp
 
     with socket.socket() as s:  # a free port for the ranks to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ranks = mp.start_processes(_run_rank, args=(nproc, port, argv), nprocs=nproc, join=False, start_method="spawn")
+    ranks = mp.start_processes(_run_rank, args=(nproc, port, main, argv), nprocs=nproc, join=False,
+                               start_method="spawn")
 
     def forward(signum, frame):
         for pid in ranks.pids():
@@ -118,11 +121,9 @@ def launched() -> bool:
     return os.environ.get(LAUNCHED) == "1"
 
 
-def _run_rank(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
+def _run_rank(local_rank: int, nproc: int, port: int, main: Callable[[list[str]], int], argv: list[str]) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{LAUNCHED: "1"})
-    from varkd.cli import main
-
     sys.exit(main(argv))
 
 
