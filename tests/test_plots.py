@@ -1,5 +1,6 @@
 """Tables and figures of a hand-made results folder, through `varkd aggregate` and `varkd plot`, and the notebooks
 as stored (the end-to-end test in test_workflow.py executes them)."""
+import inspect
 import json
 import os
 import tracemalloc
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import REPO, assert_summary_matches_metrics_files
-from varkd import cli, diagnostics, plots, study, tables
+from varkd import cli, diagnostics, figures, plots, study, tables
 from varkd.io import atomic_save_npz
 
 SWEEP = [{"sweep": "tau", "backbone": "tiny", "method": m, "value": v}
@@ -118,6 +119,16 @@ def test_curves_show_the_student_data_share_of_methods_that_choose_their_data(re
 
 def test_the_study_lists_only_figures_that_exist():
     assert set(study.FIGURES) | {"sweeps"} == set(plots.FIGURES)
+
+
+def test_every_figure_named_has_its_drawing_function_and_every_drawing_function_a_name():
+    """varkd.figures owns the names; plots.py draws each with the function of its name, and draws nothing else."""
+    named = {*figures.FIGURES, figures.SWEEPS}
+    drawing = {name for name, f in vars(plots).items() if inspect.isfunction(f) and f.__module__ == plots.__name__
+               and inspect.signature(f).return_annotation == "plt.Figure"}
+    assert len(named) == len(figures.FIGURES) + 1 and drawing == named
+    assert {name: f.__name__ for name, f in plots.FIGURES.items()} == {name: name for name in named}
+    assert study.FIGURES is figures.FIGURES
 
 
 @pytest.mark.parametrize("name", ["results", "samples"])

@@ -17,7 +17,7 @@ import yaml
 from nbclient import NotebookClient
 
 from tests.helpers import REPO, assert_summary_matches_metrics_files, merge, snakemake
-from varkd.study import FIGURES
+from varkd.figures import FIGURES
 
 def jobs_to_run(workdir: Path) -> dict[str, int]:
     """Rule -> count of the jobs a dry run of `all` would execute."""

@@ -14,6 +14,8 @@ import signal
 import sys
 from typing import Callable
 
+from varkd.figures import FIGURES, SWEEPS
+
 # command -> (its job config class in varkd.config, the function running the job). Named, not imported: the
 # modules import torch (seconds), which `varkd --help` and a mistyped command line do not need.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     clm.add_argument("--diagnostics", nargs="*", default=[], help="diagnostics.csv files (varkd diagnose)")
     clm.add_argument("--out-dir", required=True, help="the tables folder: claims.csv and claims.md go there")
     fig = sub.add_parser("plot", help="draw a figure of a results table (PNG and PDF)")
-    fig.add_argument("figure", help="metrics, sweeps, curves, cost or samples (varkd/plots.py)")
+    fig.add_argument("figure", help=f"{', '.join((*FIGURES, SWEEPS))} (varkd/plots.py)")
     fig.add_argument("--results", required=True, help="the study's results folder (holding tables/)")
     fig.add_argument("--table", required=True, help="main, baselines or ablations")
     fig.add_argument("--out", required=True, help="output path without extension: <out>.png and <out>.pdf")

@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
+from varkd import figures
 from varkd.io import atomic_path, load_npz, read_csv
 from varkd.npz import npz_rows
 from varkd.tables import METRICS, REFERENCES, Table, header
@@ -189,8 +190,7 @@ def diagnostics(table: Table) -> plt.Figure:
     return fig
 
 
-FIGURES = {"metrics": metrics, "sweeps": sweeps, "curves": curves, "cost": cost, "samples": samples,
-           "diagnostics": diagnostics}
+FIGURES = {name: globals()[name] for name in (*figures.FIGURES, figures.SWEEPS)}  # each drawn by its namesake
 
 
 def plot(figure: str, results: str | Path, table: str, out: str | Path) -> None:

@@ -24,12 +24,11 @@ from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJo
                           StudyConfig, SweepConfig,
                           TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, load_yaml, structured,
                           to_yaml)
+from varkd.figures import FIGURES, SWEEPS
 from varkd.models.gpt import gpt_config
 
 T = TypeVar("T")
 _MISSING = object()
-# every table's figures (`varkd plot <figure>`, varkd/plots.py), and `sweeps` for a table holding sweep runs
-FIGURES = ("metrics", "curves", "cost", "samples", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -385,7 +384,7 @@ class Study:
 
     def figures(self, table: str) -> list[str]:
         """A table's figures, PNG and PDF: plots/<table>_<figure>.{png,pdf}."""
-        names = FIGURES + (("sweeps",) if self.sweep_points(self.table_methods(table)) else ())
+        names = FIGURES + ((SWEEPS,) if self.sweep_points(self.table_methods(table)) else ())
         return [layout.figure(self.name, table, name, ext) for name in names for ext in ("png", "pdf")]
 
     def runs(self, methods: list[str] | None = None) -> list[Run]:
