@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from varkd import cli, config, losses, schedules, sjd
+from varkd import cli, config, losses, schedules, selection, sjd
 from varkd.config import (AdaptiveConfig, ConfigError, MethodConfig, RolloutConfig, TermConfig, TrainJob,
                           WeightingConfig, load_job, structured, to_yaml)
 from varkd.study import Study
@@ -419,3 +419,16 @@ def test_config_checks_names_against_the_lists_their_modules_own():
         assert AdaptiveConfig(replay_ratio=ratio).replay_ratio == ratio
     with pytest.raises(ConfigError, match="rollout.init"):
         RolloutConfig(init="zeros")
+
+
+def test_config_checks_selectors_and_scores_against_the_list_weighting_computes():
+    """The selectors and scores a config accepts are varkd.selection's, the names varkd.weighting computes."""
+    assert config.SELECTORS is selection.SELECTORS and config.REWEIGHTS is selection.REWEIGHTS
+    for selector in selection.SELECTORS:
+        assert WeightingConfig(selector=selector).selector == selector
+    for reweight in selection.REWEIGHTS:
+        assert WeightingConfig(reweight=reweight).reweight == reweight
+    with pytest.raises(ConfigError, match="weighting.selector"):
+        WeightingConfig(selector="margin")
+    with pytest.raises(ConfigError, match="weighting.reweight"):
+        WeightingConfig(reweight="margin")

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from varkd import selection
 from varkd.config import TermConfig, WeightingConfig
 from varkd.distill import term_loss
 from varkd.losses import forward_kl
@@ -115,3 +116,15 @@ def test_weighting_settings_are_checked_before_any_compute():
     with pytest.raises(ConfigError, match="clusters must be > 0"):
         MethodConfig(terms=[cluster_space])
     assert MethodConfig(terms=[cluster_space], clusters=16).uses_clusters
+
+
+def test_token_weights_computes_every_named_selector_and_score_and_no_other():
+    for selector in selection.SELECTORS:
+        assert weights(selector=selector).shape == (3,)
+    for reweight in selection.REWEIGHTS:
+        assert weights(reweight=reweight).shape == (3,)
+    for field in ("selector", "reweight"):
+        unnamed = WeightingConfig()
+        setattr(unnamed, field, "margin")  # past the config's check
+        with pytest.raises(ValueError, match=f"weighting.{field}='margin'"):
+            token_weights(unnamed, Q_S.log(), P_T.log(), TOKENS)

@@ -20,6 +20,7 @@ from varkd.classifier import ClassifierConfig
 from varkd.models.gpt import GPTConfig
 from varkd.models.vq import VQConfig
 from varkd.schedules import MIXTURE_SCHEDULES, REPLAY_RATIOS
+from varkd.selection import REWEIGHTS, SELECTORS
 
 T = TypeVar("T")
 
@@ -150,8 +151,6 @@ class OptimConfig:
 
 DIVERGENCES = ("ce", *losses.DIVERGENCES)  # ce: hard labels; the rest: varkd.losses
 DATA_SOURCES = ("ground_truth", "teacher", "student", "repaired", "mixed", "adaptive")
-SELECTORS = ("none", "confidence", "entropy", "acceptance", "topk")
-REWEIGHTS = ("none", "confidence", "entropy")
 NORMALIZATIONS = ("weights", "sequences", "positions")
 CLUSTER_SOURCES = ("codebook", "teacher")
 

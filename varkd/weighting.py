@@ -2,10 +2,11 @@
 
 Not every teacher prediction deserves the same trust: where the teacher is unsure, or rejects the token the
 sequence actually has, its distribution is a poor target (SelecTKD / SpecKD gating, confidence and entropy
-selection; docs/distillation.md sections 5 and 8.3). `WeightingConfig` documents the selectors and scores. Weights are
-computed from detached logits at temperature 1 and never carry gradient. A tempered score (power < 1) keeps the
-order of the positions but narrows the spread of their weights; space=clusters asks the same questions of the
-cluster marginals, where codes that decode alike no longer count as disagreement.
+selection; docs/distillation.md sections 5 and 8.3). `WeightingConfig` documents the selectors and scores,
+varkd.selection names them. Weights are computed from detached logits at temperature 1 and never carry gradient.
+A tempered score (power < 1) keeps the order of the positions but narrows the spread of their weights;
+space=clusters asks the same questions of the cluster marginals, where codes that decode alike no longer count as
+disagreement.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from varkd.clusters import cluster_logits
 from varkd.config import WeightingConfig
 from varkd.losses import log_probs
+from varkd.selection import REWEIGHTS, SELECTORS
 
 
 def teacher_entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -51,15 +53,19 @@ def token_weights(cfg: WeightingConfig, student_logits: torch.Tensor, teacher_lo
                 logq = log_probs(student_logits)
                 log_ratio = (logp - logq).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
                 selected = log_ratio.clamp(max=0.0).exp() >= cfg.threshold
-            else:  # topk: the token's teacher probability is at least the k-th largest one
+            elif cfg.selector == "topk":  # the token's teacher probability is at least the k-th largest one
                 k = min(cfg.top_k, logp.shape[-1])
                 kth = logp.topk(k, dim=-1).values[..., -1]
                 selected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) >= kth
+            else:
+                raise ValueError(f"weighting.selector={cfg.selector!r} is not one of {list(SELECTORS)}")
             gate = torch.where(selected, 1.0, cfg.low_weight)
         if cfg.reweight == "confidence":
             gate = gate * logp.max(-1).values.exp() ** cfg.power
         elif cfg.reweight == "entropy":
             gate = gate * (1.0 - teacher_entropy(logp) / math.log(logp.shape[-1])).clamp(min=0.0) ** cfg.power
+        elif cfg.reweight != "none":
+            raise ValueError(f"weighting.reweight={cfg.reweight!r} is not one of {list(REWEIGHTS)}")
     return gate
 
 
