@@ -151,8 +151,8 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
     targets = distill.TeacherTargets(None, {"ground_truth": str(tmp_path / "logits.npy")}, train_set, null_class=3)
     index, labels = np.array([7, 2, 5]), torch.tensor([0, 3, 1])
     got = targets(sources.Batch(x[index], labels, index, views=np.zeros(3, np.int64)), x[index], labels)
-    assert torch.equal(got[1], torch.from_numpy(cache[2, 0, 1]).float())
-    assert torch.equal(got[0], torch.from_numpy(cache[7, 0, 0]).float())
+    assert torch.equal(got[1], torch.from_numpy(cache[2, 0, 1]))
+    assert torch.equal(got[0], torch.from_numpy(cache[7, 0, 0]))
 
     student = distill.train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
                                     teacher_logits=str(tmp_path / "logits.npy")))
@@ -209,7 +209,7 @@ def test_run_starts_from_the_init_checkpoint(codes, tmp_path):
         distill.train_gpt(job(codes, tmp_path / "bad", steps=1, init=str(wide)))
 
 
-def test_bf16_runs_freeze_the_teacher_in_bf16_with_float32_logits(codes, tmp_path):
+def test_bf16_runs_freeze_the_teacher_in_bf16_with_bf16_logits(codes, tmp_path):
     path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=4, checkpoint_name="teacher.pt"))
     fp32 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "fp32")
     bf16 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "bf16")
@@ -219,8 +219,8 @@ def test_bf16_runs_freeze_the_teacher_in_bf16_with_float32_logits(codes, tmp_pat
     train_set = load_code_set(codes / "train")
     x, y = train_set.batch(np.arange(6)), train_set.labels
     logits = distill.teacher_logits(bf16, x[:6], y[:6])
-    assert logits.dtype == torch.float32 and not logits.requires_grad
-    torch.testing.assert_close(logits, distill.teacher_logits(fp32, x[:6], y[:6]), atol=0.05, rtol=0.05)
+    assert logits.dtype == torch.bfloat16 and not logits.requires_grad  # not copied to float32: losses upcast
+    torch.testing.assert_close(logits.float(), distill.teacher_logits(fp32, x[:6], y[:6], "fp32"), atol=0.05, rtol=0.05)
 
 
 def test_whole_batch_trainers_refuse_grad_accumulation(tmp_path):

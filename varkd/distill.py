@@ -79,7 +79,7 @@ class TeacherTargets:
                 rows = cache[batch.index[order]]
             logits = np.empty_like(rows)
             logits[order] = rows
-            return torch.from_numpy(logits.astype(np.float32)).to(codes.device)
+            return torch.from_numpy(logits).to(codes.device)
         if self.teacher is None:
             raise ValueError("this batch needs live teacher logits but the job has no teacher checkpoint")
         self.counts["teacher_forwards"] = self.counts.get("teacher_forwards", 0) + 1
@@ -87,10 +87,12 @@ class TeacherTargets:
 
 
 def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
-    """Teacher-forced logits of the frozen teacher, float32: under bf16 autocast (as stored in the caches and as
-    training scores live batches), or fp32 (precision="fp32", for exact comparisons)."""
+    """Teacher-forced logits of the frozen teacher: bfloat16 under bf16 autocast (as training scores live batches;
+    the caches store them as float16), float32 with precision="fp32" (for exact comparisons). Not copied to float32:
+    every consumer reads them through losses.log_probs or cluster_logits, which upcast, so a live target costs half
+    the memory of a float32 one ([128, 256, 16384] logits: 1 GiB instead of 2)."""
     with torch.no_grad(), autocast(codes.device, precision):
-        return teacher(codes[:, :-1], labels).float()
+        return teacher.output(teacher(codes[:, :-1], labels, head=False))  # GPT.forward's head casts to float32
 
 
 @torch.no_grad()
@@ -170,7 +172,7 @@ def term_values(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, tar
 
 def load_teacher(path: str, student: GPTConfig, device: torch.device, precision: str = "fp32") -> GPT:
     """The frozen teacher (eval mode, no gradients); bf16 weights in bf16 runs, half the memory of fp32 ones, since
-    its forwards run under bf16 autocast anyway (`teacher_logits`, whose logits stay float32)."""
+    its forwards run under bf16 autocast anyway (`teacher_logits`)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     teacher = load_gpt(path, "teacher checkpoint").to(device, dtype).requires_grad_(False)
     for key in ("vocab_size", "num_classes", "block_size"):
@@ -282,7 +284,7 @@ def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.dev
             for view in range(codes.A):
                 x = codes.batch(rows, np.full(len(rows), view)).to(device)
                 for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
-                    logits = teacher_logits(teacher, x, cond).cpu().numpy().astype(np.float16)
+                    logits = teacher_logits(teacher, x, cond).half().cpu().numpy()
                     out[i : i + len(rows), view, slot] = logits
 
 
@@ -320,7 +322,7 @@ def sample_pool(job: PoolJob, device: torch.device = torch.device("cpu")) -> Non
         for i, x, y in _pool_samples(model, labels, job, job.seed, device):
             codes[i : i + len(x), 0] = x.cpu().numpy()
             if logits is not None:
-                logits[i : i + len(x)] = teacher_logits(model, x, y).cpu().numpy().astype(np.float16)
+                logits[i : i + len(x)] = teacher_logits(model, x, y).half().cpu().numpy()
 
 
 def _pool_samples(model: GPT, labels: torch.Tensor, job: PoolJob, seed: int, device: torch.device):
