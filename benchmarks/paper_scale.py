@@ -403,7 +403,6 @@ def rollout_model(args, name: str, device: torch.device) -> dict:
         "kv-cache": guarded(f"rollout {name} kv-cache", lambda: rollout_cached(args, model, device), device),
         "no-cache": guarded(f"rollout {name} no-cache", lambda: rollout_naive(args, model, name, device), device),
     }
-    del model
     return results
 
 
