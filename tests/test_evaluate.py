@@ -9,11 +9,12 @@ import torch
 from varkd.checkpoints import load_gpt, load_vq, save_model
 from varkd.classifier import Classifier, ClassifierConfig
 from varkd.codes import load_code_set, save_code_set
-from varkd.config import EvaluateConfig, EvaluateJob, NoiseFloorJob, SampleConfig
+from varkd.config import EvaluateConfig, EvaluateJob, NoiseFloorJob, RealFeaturesJob, SampleConfig
 from varkd.data import Split, save_splits
 from varkd.decode import Decoder, generate
 from varkd.distill import heldout_nll
-from varkd.jobs import NOISE_STREAM, draw_images, evaluate, noise_floor, sample_seed
+from varkd.features import load_features
+from varkd.jobs import NOISE_STREAM, draw_images, evaluate, noise_floor, real_features, sample_seed
 from varkd.metrics import compute_metrics
 from varkd.models.vq import VQModel
 
@@ -40,7 +41,13 @@ def study(tmp_path_factory):
     save_splits(root / "images.npz", splits)
     for name in ("val", "test"):
         save_code_set(root / "codes" / name, rng.integers(0, 64, (12, 1, 64)), np.arange(12) % 2, vocab_size=64)
+        real_features(RealFeaturesJob(images=str(root / "images.npz"), split=name,
+                                      classifier=str(root / "classifier.pt"), out=str(root / f"real_{name}.npz")), CPU)
     return root, splits
+
+
+def real_sides(root) -> dict[str, str]:
+    return {name: str(root / f"real_{name}.npz") for name in ("test", "val")}
 
 
 def metrics_of(generated, real, classifier, seed=0):
@@ -58,7 +65,7 @@ def test_evaluate_reports_test_metrics_and_validation_metrics(study, tmp_path):
     save_model(tmp_path / "student.pt", load_gpt(root / "gpt.pt"), load_gpt(root / "gpt.pt").config,
                train={"steps": 10, "rollouts": 4})
     job = EvaluateJob(evaluate=EvaluateConfig(isc_splits=2), samples=str(tmp_path / "samples.npz"),
-                      val_samples=str(tmp_path / "samples_val.npz"), reference=str(root / "images.npz"),
+                      val_samples=str(tmp_path / "samples_val.npz"), real_features=real_sides(root),
                       classifier=str(root / "classifier.pt"), checkpoint=str(tmp_path / "student.pt"),
                       codes_val=str(root / "codes" / "val"), codes_test=str(root / "codes" / "test"),
                       identity={"backbone": "b", "method": "m", "seed": 0}, out=str(tmp_path / "metrics.json"))
@@ -81,7 +88,7 @@ def test_real_row_scores_train_images_against_both_splits(study, tmp_path):
     root, splits = study
     job = EvaluateJob(evaluate=EvaluateConfig(isc_splits=2), samples=str(root / "images.npz"),
                       val_samples=str(root / "images.npz"), real_key="train_images", num_samples=20,
-                      reference=str(root / "images.npz"), classifier=str(root / "classifier.pt"),
+                      real_features=real_sides(root), classifier=str(root / "classifier.pt"),
                       identity={"backbone": "-", "method": "real", "seed": 0}, out=str(tmp_path / "real.json"))
     evaluate(job, CPU)
     result = json.loads((tmp_path / "real.json").read_text())
@@ -94,7 +101,7 @@ def test_noise_floor_is_the_spread_of_independently_sampled_sets(study, tmp_path
     sample = SampleConfig(num_samples=10, batch_size=10, cfg_scale=1.0)
     job = NoiseFloorJob(sample=sample, evaluate=EvaluateConfig(isc_splits=2, noise_seeds=3),
                         checkpoint=str(root / "gpt.pt"), tokenizer=str(root / "vq.pt"),
-                        reference=str(root / "images.npz"), classifier=str(root / "classifier.pt"),
+                        real_features=real_sides(root)["test"], classifier=str(root / "classifier.pt"),
                         identity={"backbone": "b", "method": "student_init", "seed": 0}, seed=4,
                         out=str(tmp_path / "noise.json"))
     noise_floor(job, CPU)
@@ -120,3 +127,21 @@ def test_bf16_sampling_decodes_with_a_bf16_copy_of_the_model(study):
     codes = generate(Decoder(model, torch.bfloat16), torch.from_numpy(labels), generator=torch.Generator().manual_seed(3))
     assert images.dtype == np.uint8 and np.array_equal(images, vq.decode_to_uint8(codes).numpy())
     assert model.tok_embeddings.weight.dtype == torch.float32  # the model itself is not cast
+
+
+def test_real_features_hold_the_split_and_a_mismatch_names_what_differs(study, tmp_path):
+    root, splits = study
+    features, info = load_features(root / "real_test.npz")
+    assert info["image_shape"] == (30, 32, 32, 3) and info["source"].endswith("images.npz[test_images]")
+    assert features["features"].shape == (30, 16) and info["feature_extractor"] == "varkd-classifier"
+    np.savez(tmp_path / "small.npz", arr_0=np.zeros((20, 16, 16, 3), np.uint8))
+    job = dict(evaluate=EvaluateConfig(isc_splits=2), samples=str(tmp_path / "small.npz"),
+               real_features=real_sides(root), out=str(tmp_path / "m.json"))
+    with pytest.raises(ValueError, match=r"real images of .*real_test\.npz are \(32, 32\).*resize_to"):
+        evaluate(EvaluateJob(classifier=str(root / "classifier.pt"), **job), CPU)
+    other = Classifier(ClassifierConfig(channels=4, feature_dim=16, num_classes=2))
+    save_model(tmp_path / "other.pt", other, other.config)
+    with pytest.raises(ValueError, match=r"real_test\.npz were made with weights .*classifier\.pt but this "
+                                         r"evaluation uses .*other\.pt: rerun its real-features job"):
+        evaluate(EvaluateJob(classifier=str(tmp_path / "other.pt"), **job), CPU)
+    assert not (tmp_path / "m.json").exists()

@@ -4,6 +4,7 @@ One classifier is trained per module run (a few seconds) and its checkpoint reus
 """
 import importlib
 import time
+import warnings
 
 import json
 
@@ -23,10 +24,11 @@ from varkd.classifier import (
     classifier_loss,
 )
 from varkd.checkpoints import load_classifier, save_model
-from varkd.config import ConfigError, EvaluateConfig, EvaluateJob
+from varkd.config import ConfigError, EvaluateConfig, EvaluateJob, RealFeaturesJob
 from varkd.images import to_model_input
-from varkd.jobs import evaluate
+from varkd.jobs import evaluate, real_features
 import varkd.metrics as vm
+from varkd.features import UInt8Images
 
 TRAIN_STEPS, BATCH, LR, CHANNELS = 100, 64, 2e-3, 16  # small and fast; ~97% held-out accuracy
 
@@ -237,14 +239,57 @@ def test_extractor_asserts_uint8_bchw(trained):
     assert feats.dtype == torch.float32 and feats.shape == (2, 128)
 
 
-def test_uint8_dataset_from_readonly_array():
-    images = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+@pytest.mark.parametrize("batch_size", [1, 7, 1000])
+def test_feature_pass_equals_torch_fidelitys_loop(trained, digits, batch_size):
+    """varkd.features.extract_features (NHWC viewed as NCHW, channels_last, any batch size) gives torch-fidelity's
+    own loop's features (batches of 64 CHW copies) up to float32 round-off, from a read-only array without a warning
+    or a copy of the whole set."""
+    from varkd.features import extract_features
+
+    images = digits["held"][0][:300].copy()
     images.flags.writeable = False
-    ds = vm.UInt8Images(images)
-    assert len(ds) == 2
-    item = ds[1]
-    assert item.dtype == torch.uint8 and item.shape == (3, 4, 5)
-    assert torch.equal(item, torch.from_numpy(images[1].copy()).permute(2, 0, 1))
+    fe = create_feature_extractor("varkd-classifier", ["features", "logits_unbiased"],
+                                  feature_extractor_weights_path=str(trained[0]), cuda=False, verbose=False)
+    theirs = extract_featuresdict_from_input_id(1, fe, input1=UInt8Images(images), cuda=False, batch_size=64,
+                                                save_cpu_ram=True, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = extract_features(fe, images, batch_size, torch.device("cpu"))
+    assert set(ours) == {"features", "logits_unbiased"}
+    for layer in ours:
+        assert ours[layer].dtype == torch.float32 and ours[layer].shape == theirs[layer].shape
+        torch.testing.assert_close(ours[layer], theirs[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_compute_metrics_equals_torch_fidelitys_calculate_metrics(trained, digits):
+    """The whole torch-fidelity protocol (FID, shuffled IS, precision / recall, KID) through varkd's feature pass and
+    scoring equals torch_fidelity.calculate_metrics on the same images and options."""
+    gen, real = digits["train"][0][:400], digits["held"][0][::2]
+    ours = vm.compute_metrics(gen, real, weights_path=trained[0], kid=True, isc_splits=4, seed=3)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(gen), input2=UInt8Images(real), feature_extractor="varkd-classifier",
+        feature_extractor_weights_path=str(trained[0]), isc=True, fid=True, kid=True, prc=True, isc_splits=4,
+        rng_seed=3, kid_subset_size=400, kid_subsets=100, cuda=False, save_cpu_ram=True, cache=False, verbose=False)
+    print(f"\nours {ours}\ntorch-fidelity {theirs}")
+    for key, theirs_key in vm.METRIC_KEYS.items():
+        assert ours[key] == pytest.approx(theirs[theirs_key], rel=1e-5, abs=1e-7), key
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+
+
+def test_features_file_round_trip_and_corrupt_file(tmp_path):
+    from varkd.features import load_features, save_features
+
+    features = {"2048": torch.randn(5, 8), "mixed_6/conv": torch.randn(5, 3)}
+    info = dict(feature_extractor="inception-v3-compat", protocol="adm", weights="w.pth", source="ref.npz")
+    save_features(tmp_path / "f.npz", features, (5, 16, 16, 3), **info)
+    loaded, read = load_features(tmp_path / "f.npz")
+    assert list(loaded) == list(features) and all(torch.equal(loaded[k], features[k]) for k in features)
+    assert read == {"image_shape": (5, 16, 16, 3), **info}
+    with pytest.raises(ValueError, match="needs.*source"):
+        save_features(tmp_path / "g.npz", features, (5, 16, 16, 3), **{k: v for k, v in info.items() if k != "source"})
+    (tmp_path / "bad.npz").write_bytes(b"PK truncated")
+    with pytest.raises(ValueError, match=r"features file .*bad\.npz is corrupt"):
+        load_features(tmp_path / "bad.npz")
 
 
 def test_registration_is_idempotent():
@@ -271,10 +316,7 @@ METRIC_KEYS = {"fid", "isc_mean", "isc_std", "precision", "recall", "num_samples
 def adm_reference(path, weights, real, mu_dtype=np.float32, sigma_dtype=np.float64, **overrides):
     """An ADM-style reference npz: torch-fidelity's FID statistics of `real` in the classifier's feature space (mu
     float32 and sigma float64, as torch-fidelity and ADM make them) and the images themselves as arr_0."""
-    options = dict(cuda=False, save_cpu_ram=True, verbose=False)
-    fe = create_feature_extractor("varkd-classifier", ["features"], feature_extractor_weights_path=str(weights),
-                                  **options)
-    features = extract_featuresdict_from_input_id(1, fe, input1=vm.UInt8Images(real), **options)["features"]
+    features = vm.Extractor("varkd-classifier", weights)(real)["features"]
     stats = fid_features_to_statistics(features)
     arrays = dict(mu=stats["mu"].astype(mu_dtype), sigma=stats["sigma"].astype(sigma_dtype), arr_0=real)
     arrays.update(overrides)
@@ -296,7 +338,7 @@ def test_reference_batch_matches_compute_metrics_and_isc_without_shuffle(trained
     out = vm.reference_batch_metrics(gen, reference, feature_extractor="varkd-classifier", weights_path=weights)
     direct = vm.compute_metrics(gen, real, weights_path=weights, isc_splits=3)  # shuffled IS
     unshuffled = torch_fidelity.calculate_metrics(
-        input1=vm.UInt8Images(gen), isc=True, isc_splits=3, samples_shuffle=False,
+        input1=UInt8Images(gen), isc=True, isc_splits=3, samples_shuffle=False,
         feature_extractor="varkd-classifier", feature_extractor_weights_path=str(weights), cuda=False,
         save_cpu_ram=True, cache=False, verbose=False)
     print(f"\nreference batch {out}\ncompute_metrics {direct}")
@@ -305,8 +347,9 @@ def test_reference_batch_matches_compute_metrics_and_isc_without_shuffle(trained
     assert (out["num_samples"], out["num_real"], out["feature_extractor"]) == (900, len(real), "varkd-classifier")
     assert out["fid"] == pytest.approx(direct["fid"], rel=1e-6)
     assert (out["precision"], out["recall"]) == (direct["precision"], direct["recall"])
-    assert out["isc_mean"] == pytest.approx(unshuffled[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-12)
-    assert out["isc_std"] == pytest.approx(unshuffled[torch_fidelity.KEY_METRIC_ISC_STD], rel=1e-12)
+    # varkd's feature pass (batches of 250) against torch-fidelity's (64): equal up to float32 round-off
+    assert out["isc_mean"] == pytest.approx(unshuffled[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-7)
+    assert out["isc_std"] == pytest.approx(unshuffled[torch_fidelity.KEY_METRIC_ISC_STD], rel=1e-6)
     assert out["isc_mean"] < 0.6 * direct["isc_mean"]  # class-sorted splits: not shuffled
 
 
@@ -355,11 +398,12 @@ def test_bad_reference_batches_name_file_and_key(trained, digits, tmp_path, monk
     narrow = np.zeros(64, np.float32)
     reference = vm.read_reference_batch(adm_reference(tmp_path / "narrow.npz", weights, real, mu=narrow,
                                                       sigma=np.eye(64)))
-    monkeypatch.setattr(vm, "extract_featuresdict_from_input_id", lambda *a, **k: pytest.fail("features extracted"))
+    ok = vm.read_reference_batch(adm_reference(tmp_path / "ok.npz", weights, real))
+    monkeypatch.setattr(vm.Extractor, "__call__", lambda *a, **k: pytest.fail("features extracted"))
     gen = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r'narrow\.npz\[mu\] has 64 features.*"features" gives 128'):
         vm.reference_batch_metrics(gen, reference, feature_extractor="varkd-classifier", weights_path=weights)
-    reference = vm.read_reference_batch(adm_reference(tmp_path / "ok.npz", weights, real))
+    reference = ok
     with pytest.raises(ValueError, match="resize_to"):
         vm.reference_batch_metrics(gen[:, :16, :16], reference, feature_extractor="varkd-classifier",
                                    weights_path=weights)
@@ -375,8 +419,11 @@ def test_evaluate_job_scores_against_the_reference_batch(trained, digits, tmp_pa
     np.savez(tmp_path / "samples.npz", arr_0=gen, labels=digits["train"][1][:300])
     ref = adm_reference(tmp_path / "ref.npz", weights, real)
     config = EvaluateConfig(reference_batch=str(ref))
-    job = EvaluateJob(evaluate=config, samples=str(tmp_path / "samples.npz"), classifier=str(weights),
-                      identity={"backbone": "b", "method": "m", "seed": 0}, out=str(tmp_path / "metrics.json"))
+    features = str(tmp_path / "real_features.npz")
+    real_features(RealFeaturesJob(evaluate=config, classifier=str(weights), out=features), torch.device("cpu"))
+    job = EvaluateJob(evaluate=config, samples=str(tmp_path / "samples.npz"), real_features={"test": features},
+                      classifier=str(weights), identity={"backbone": "b", "method": "m", "seed": 0},
+                      out=str(tmp_path / "metrics.json"))
     evaluate(job, torch.device("cpu"))
     result = json.loads((tmp_path / "metrics.json").read_text())
     expected = vm.reference_batch_metrics(gen, vm.read_reference_batch(ref), feature_extractor="varkd-classifier",
@@ -389,12 +436,22 @@ def test_evaluate_job_scores_against_the_reference_batch(trained, digits, tmp_pa
     bad = adm_reference(tmp_path / "bad.npz", weights, real, sigma=None)
     with pytest.raises(KeyError, match="bad.npz"):
         evaluate(EvaluateJob(evaluate=EvaluateConfig(reference_batch=str(bad)), classifier=str(weights),
-                             **missing_samples), torch.device("cpu"))
+                             real_features={"test": features}, **missing_samples), torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="no-such-classifier.pt"):
-        evaluate(EvaluateJob(evaluate=config, classifier=str(tmp_path / "no-such-classifier.pt"), **missing_samples),
-                 torch.device("cpu"))
-    with pytest.raises(ValueError, match="reference_batch"):
+        evaluate(EvaluateJob(evaluate=config, classifier=str(tmp_path / "no-such-classifier.pt"),
+                             real_features={"test": features}, **missing_samples), torch.device("cpu"))
+    with pytest.raises(ValueError, match="real_features"):
         evaluate(EvaluateJob(classifier=str(weights), **missing_samples), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="no-such-features.npz"):
+        evaluate(EvaluateJob(evaluate=config, classifier=str(weights), **missing_samples,
+                             real_features={"test": str(tmp_path / "no-such-features.npz")}), torch.device("cpu"))
+    with pytest.raises(ValueError, match="protocol torch-fidelity but this evaluation uses adm"):
+        evaluate(EvaluateJob(evaluate=EvaluateConfig(reference_batch=str(ref), protocol="adm"), classifier=str(weights),
+                             real_features={"test": features}, **missing_samples), torch.device("cpu"))
+    narrow = adm_reference(tmp_path / "narrow.npz", weights, real, mu=np.zeros(64, np.float32), sigma=np.eye(64))
+    with pytest.raises(ValueError, match=r'narrow\.npz\[mu\] has 64 features but layer "features" of .*has 128'):
+        evaluate(EvaluateJob(evaluate=EvaluateConfig(reference_batch=str(narrow)), classifier=str(weights),
+                             real_features={"test": features}, **missing_samples), torch.device("cpu"))
     with pytest.raises(ConfigError, match="kid"):  # refused when the config is read, before any job
         EvaluateConfig(reference_batch=str(ref), kid=True)
 
@@ -655,11 +712,7 @@ def test_adm_protocol_scores_the_extractors_features(trained, digits, tmp_path):
     weights = trained[0]
     gen, real = digits["train"][0][:300], digits["held"][0][::2]
     out = vm.compute_metrics(gen, real, weights_path=weights, protocol="adm")
-    options = dict(cuda=False, save_cpu_ram=True, verbose=False)
-    fe = create_feature_extractor("varkd-classifier", ["features", "logits_unbiased"],
-                                  feature_extractor_weights_path=str(weights), **options)
-    f_gen, f_real = (extract_featuresdict_from_input_id(1, fe, input1=vm.UInt8Images(x), **options)
-                     for x in (gen, real))
+    f_gen, f_real = map(vm.Extractor("varkd-classifier", weights, "adm"), (gen, real))
     print(f"\nadm {out}")
     assert set(out) == METRIC_KEYS and out["protocol"] == "adm"  # no sfid: the classifier has no spatial layer
     fid = vm.adm_frechet_distance(*vm.feature_statistics(f_gen["features"]), *vm.feature_statistics(f_real["features"]))

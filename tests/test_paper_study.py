@@ -75,8 +75,14 @@ def test_imagenet_study_imports_the_released_models(presets, tmp_path):
     gather: GatherSamplesJob = study.jobs[f"{root}/varkd/seed0/samples/gather.yaml"]
     assert gather.shards == [f"{root}/varkd/seed0/samples/shard{i}.npz" for i in range(8)]
     evaluate = study.jobs[f"{root}/varkd/seed0/evaluate.yaml"]
-    assert evaluate.classifier is None and evaluate.reference is None
+    assert evaluate.classifier is None
     assert evaluate.evaluate.reference_batch == f"{data}/VIRTUAL_imagenet256_labeled.npz"
+    # the reference batch's features, extracted once, stand for both splits
+    reference = "results/imagenet/data/real_features/reference.npz"
+    assert evaluate.real_features == {"test": reference, "val": reference}
+    features = study.jobs[reference.replace(".npz", ".yaml")]
+    assert features.images is None and features.evaluate.reference_batch == evaluate.evaluate.reference_batch
+    assert [p for p in study.jobs if "real_features" in p] == [reference.replace(".npz", ".yaml")]
     assert "results/imagenet/real/metrics.json" not in study.metrics_files()  # no in-memory held-out split
     # files the workflow does not make are not job inputs (a dry run works without them)
     assert all(p not in job.inputs() or p in study.external for job in study.jobs.values() for p in study.external)

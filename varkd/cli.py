@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-tokenizer": ("ImportTokenizerJob", "varkd.checkpoints:import_tokenizer"),
     "sample": ("SampleJob", "varkd.jobs:sample"),
     "gather-samples": ("GatherSamplesJob", "varkd.jobs:gather_samples"),
+    "real-features": ("RealFeaturesJob", "varkd.jobs:real_features"),
     "evaluate": ("EvaluateJob", "varkd.jobs:evaluate"),
     "noise-floor": ("NoiseFloorJob", "varkd.jobs:noise_floor"),
     "diagnose": ("DiagnoseJob", "varkd.diagnostics:diagnose"),

@@ -428,9 +428,12 @@ class EvaluateConfig:
     # The noise floor: each backbone's student init sampled with this many sampling seeds (same model, same
     # settings), each set scored like a run; the spread is what sampling alone moves a metric by. 0: not measured.
     noise_seeds: int = 5
+    # images per feature-extractor forward (varkd.features): Inception at 299 x 299 holds ~0.1 GB of activations
+    # per 10 images in float32, so 250 fits any current GPU; the features do not depend on it beyond float rounding
+    batch_size: int = 250
 
     def __post_init__(self):
-        _check_positive(self, "prc_neighborhood", "isc_splits")
+        _check_positive(self, "prc_neighborhood", "isc_splits", "batch_size")
         _check_choice("evaluate.protocol", self.protocol, self.PROTOCOLS)
         if self.protocol == "adm" and self.kid:
             raise ConfigError("evaluate.kid is torch-fidelity's (ADM's evaluator has no KID): with "
@@ -1017,8 +1020,8 @@ class EvaluateJob:
     val_samples: Optional[str] = None  # samples_val.npz, drawn with another seed (None: no val_* image metrics)
     real_key: Optional[str] = None  # the real row: the images.npz array scored as samples ("train_images")
     num_samples: int = 0  # 0: all; else a seeded random subset of this size
-    # images.npz: its test / val splits are the real sides (None: evaluate.reference_batch)
-    reference: Optional[str] = None
+    # "test" / "val" -> the real side's features file (RealFeaturesJob; the reference batch's for both at paper scale)
+    real_features: dict[str, str] = field(default_factory=dict)
     classifier: Optional[str] = None  # feature_extractor varkd-classifier: the study's classifier
     checkpoint: Optional[str] = None  # the run's model: its held-out NLLs are reported too
     codes_val: Optional[str] = None
@@ -1028,10 +1031,33 @@ class EvaluateJob:
     out: str = "???"
 
     def inputs(self) -> list[str]:
-        files = (self.samples, self.val_samples, self.reference, self.classifier, self.checkpoint,
+        files = (self.samples, self.val_samples, *self.real_features.values(), self.classifier, self.checkpoint,
                  self.evaluate.weights, self.evaluate.reference_batch)
         codes = [f for c in (self.codes_val, self.codes_test) if c for f in code_set_files(c)]
         return list(dict.fromkeys([p for p in files if p] + codes))
+
+    def outputs(self) -> list[str]:
+        return [self.out]
+
+
+@dataclass
+class RealFeaturesJob:
+    """The real side of a study's evaluations in the extractor's feature space, extracted once and read by every
+    evaluate and noise-floor job: a split of images.npz, or the images of evaluate.reference_batch."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    images: Optional[str] = None  # images.npz (None: evaluate.reference_batch's arr_0)
+    split: str = "test"  # of images.npz
+    classifier: Optional[str] = None  # feature_extractor varkd-classifier: the study's classifier
+    out: str = "???"  # a features file (varkd.features)
+
+    def __post_init__(self):
+        if self.images is None and not self.evaluate.reference_batch:
+            raise ConfigError("a real-features job needs images (an images.npz) or evaluate.reference_batch")
+
+    def inputs(self) -> list[str]:
+        files = (self.images, self.classifier, self.evaluate.weights, self.evaluate.reference_batch)
+        return [p for p in files if p]
 
     def outputs(self) -> list[str]:
         return [self.out]
@@ -1046,7 +1072,7 @@ class NoiseFloorJob:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checkpoint: str = "???"
     tokenizer: str = "???"
-    reference: Optional[str] = None
+    real_features: str = "???"  # the test split's (RealFeaturesJob)
     classifier: Optional[str] = None
     identity: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -1057,7 +1083,7 @@ class NoiseFloorJob:
             raise ConfigError("a noise-floor job needs evaluate.noise_seeds >= 2")
 
     def inputs(self) -> list[str]:
-        files = (self.checkpoint, self.tokenizer, self.reference, self.classifier, self.evaluate.weights,
+        files = (self.checkpoint, self.tokenizer, self.real_features, self.classifier, self.evaluate.weights,
                  self.evaluate.reference_batch)
         return [p for p in files if p]
 

@@ -7,7 +7,7 @@ by calling the same functions with wildcard placeholders: teacher_dir("{study}",
 
     results/<study>/
       data/                        images.npz, tokenizer/, codes/<split>/, classifier/, clusters/k<k>.npy,
-                                   index/<split>.npz and codes/<split>/shards/ (paper scale)
+                                   real_features/<split>.npz, index/<split>.npz and codes/<split>/shards/ (paper scale)
       real/                        the real-vs-real floor's metrics.json
       <backbone>/teacher/          the teacher and what it alone makes (logits, pools, clusters)
       <backbone>/student_init/     the student every method of the backbone starts from, its pools and noise floor
@@ -161,6 +161,12 @@ def noise_config(study: str, backbone: str) -> str:
 
 def run_dir(study: str, backbone: str, method: str, seed: int | str) -> str:
     return f"{study_dir(study)}/{backbone}/{method}/seed{seed}"
+
+
+def real_features(study: str, split: str) -> str:
+    """The real side of every evaluation in the extractor's feature space: a split of images.npz, or "reference"
+    (ADM's reference batch)."""
+    return f"{data_dir(study)}/real_features/{split}.npz"
 
 
 def real_dir(study: str) -> str:

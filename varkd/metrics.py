@@ -13,11 +13,9 @@ float16 distances. Published tables are comparable with "adm" numbers only.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -27,13 +25,14 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.helpers import vassert
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import extract_featuresdict_from_input_id
 
 from varkd.checkpoints import load_classifier
 from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.config import EvaluateConfig
+from varkd.features import extract_features
 from varkd.images import to_model_input
 from varkd.io import load_checkpoint, load_npz, reading
 from varkd.npz import npz_headers
@@ -159,20 +158,6 @@ class InceptionSpatialFeatureExtractor(torch_fidelity.FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-class UInt8Images(torch.utils.data.Dataset):
-    """uint8 NHWC array -> uint8 CHW tensors, the input torch-fidelity's extractors expect."""
-
-    def __init__(self, images):
-        self.images = images.cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        # A copy: arrays loaded from .npz are read-only, which torch.from_numpy warns about.
-        return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
-
-
 def _check_images(name, images):
     images = images.cpu().numpy() if torch.is_tensor(images) else images
     if not isinstance(images, np.ndarray):
@@ -189,6 +174,57 @@ def _check_protocol(protocol: str) -> None:
         raise ValueError(f"protocol={protocol!r} is not one of {list(PROTOCOLS)}")
 
 
+def check_counts(n_gen: int, n_real: int, *, prc_neighborhood: int = 3, isc_splits: int | None = None,
+                 kid: bool = False, protocol: str = "torch-fidelity", real: str = "real images") -> None:
+    """What the metrics need of the two sides' sizes and options, checked before any feature is extracted.
+    isc_splits None: consecutive splits of ~5,000 (a reference batch's IS), which any count allows."""
+    _check_protocol(protocol)
+    if prc_neighborhood < 1 or (isc_splits is not None and isc_splits < 1):
+        raise ValueError(f"prc_neighborhood and isc_splits must be >= 1, got {prc_neighborhood} and {isc_splits}")
+    if min(n_gen, n_real) <= max(prc_neighborhood, 1):
+        raise ValueError(
+            f"precision/recall with prc_neighborhood={prc_neighborhood} (and FID) need more than "
+            f"{max(prc_neighborhood, 1)} images per side, got {n_gen} generated and {n_real} {real}"
+        )
+    if protocol == "adm" and kid:
+        raise ValueError("ADM's evaluator has no KID: kid=True needs protocol='torch-fidelity'")
+    if protocol == "torch-fidelity" and isc_splits is not None and n_gen < isc_splits:
+        raise ValueError(f"isc_splits={isc_splits} needs at least that many generated images, got {n_gen}")
+
+
+class Extractor:
+    """One feature extractor on one device, built (and its weights read) once per job: which of its layers each
+    metric reads, and the one pass over a set of images that gives them all (varkd.features.extract_features)."""
+
+    def __init__(self, feature_extractor: str = EXTRACTOR_NAME, weights_path=None, protocol: str = "torch-fidelity",
+                 device: str | torch.device = "cpu", batch_size: int = 250):
+        _check_protocol(protocol)
+        self.name, self.protocol, self.batch_size = feature_extractor, protocol, batch_size
+        self.weights = local_weights(feature_extractor, weights_path)
+        self.device = torch.device(device)
+        cls = _extractor_class(feature_extractor, protocol)
+        self.layers = _layers(cls, protocol)
+        self.network = cls(feature_extractor, list(dict.fromkeys(self.layers.values())),
+                           feature_extractor_weights_path=str(self.weights), verbose=False)
+        self.network = self.network.requires_grad_(False).eval().to(self.device)
+
+    def __call__(self, images_uint8_NHWC) -> dict[str, torch.Tensor]:
+        """{layer: [N, D] float32 on the extractor's device}."""
+        return extract_features(self.network, _check_images("images", images_uint8_NHWC), self.batch_size,
+                                self.device)
+
+    def check_statistics(self, statistics: dict, source) -> None:
+        """One blank image through the network: each stored statistic (metric -> (mu, sigma)) must have its layer's
+        width, checked before a whole set is extracted."""
+        size = getattr(self.network, "image_size", 32)
+        features = extract_features(self.network, np.zeros((1, size, size, 3), np.uint8), 1, self.device)
+        for metric, (mu, _) in statistics.items():
+            width = features[self.layers[metric]].shape[1] if metric in self.layers else len(mu)
+            if width != len(mu):
+                raise ValueError(f"{source}[{STATISTICS[metric][0]}] has {len(mu)} features but feature extractor "
+                                 f'"{self.name}" layer "{self.layers[metric]}" gives {width}')
+
+
 def compute_metrics(
     generated_uint8_NHWC,
     real_uint8_NHWC,
@@ -200,7 +236,7 @@ def compute_metrics(
     prc_neighborhood: int = 3,
     isc_splits: int = 10,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 250,
     protocol: str = "torch-fidelity",
 ) -> dict:
     """FID, IS, precision, recall (+ KID) of generated vs real images, all in one extractor's feature space.
@@ -214,55 +250,11 @@ def compute_metrics(
     real = _check_images("real images", real_uint8_NHWC)
     if generated.shape[1:3] != real.shape[1:3]:
         raise ValueError(f"generated images are {generated.shape[1:3]} but real images are {real.shape[1:3]} (H, W)")
-    n_gen, n_real = len(generated), len(real)
-    _check_protocol(protocol)
-    if prc_neighborhood < 1 or isc_splits < 1:
-        raise ValueError(f"prc_neighborhood and isc_splits must be >= 1, got {prc_neighborhood} and {isc_splits}")
-    if min(n_gen, n_real) <= max(prc_neighborhood, 1):
-        raise ValueError(
-            f"precision/recall with prc_neighborhood={prc_neighborhood} (and FID) need more than "
-            f"{max(prc_neighborhood, 1)} images per side, got {n_gen} generated and {n_real} real"
-        )
-    if protocol == "adm" and kid:
-        raise ValueError("ADM's evaluator has no KID: kid=True needs protocol='torch-fidelity'")
-    if protocol == "torch-fidelity" and n_gen < isc_splits:
-        raise ValueError(f"isc_splits={isc_splits} needs at least that many generated images, got {n_gen}")
-    weights_path = local_weights(feature_extractor, weights_path)
-    cuda = device != "cpu"
-    if protocol == "adm":
-        with _device_scope(device):
-            layers, features, real_features = _extract(generated, lambda: real, feature_extractor, weights_path,
-                                                       protocol, cuda, batch_size)
-            scores = _score(features, real_features, {}, layers, protocol, prc_neighborhood, cuda)
-        return _result(scores, n_gen, n_real, feature_extractor, protocol)
-
-    kwargs = {}
-    if kid:
-        # torch-fidelity refuses subsets larger than an input; subsets that take all of both inputs are all the same
-        # (permutations), so one is enough (100 took ~8 s at 1,000 vs 1,000 here).
-        kwargs["kid_subset_size"] = size = min(1000, n_gen, n_real)
-        kwargs["kid_subsets"] = 1 if n_gen == n_real == size else 100
-    with _device_scope(device):
-        out = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(generated),
-            input2=UInt8Images(real),
-            feature_extractor=feature_extractor,
-            feature_extractor_weights_path=str(weights_path),
-            isc=True,
-            fid=True,
-            kid=kid,
-            prc=True,
-            prc_neighborhood=prc_neighborhood,
-            isc_splits=isc_splits,
-            batch_size=batch_size,
-            rng_seed=seed,
-            cuda=cuda,
-            save_cpu_ram=True,
-            cache=False,
-            verbose=False,
-            **kwargs,
-        )
-    return _result(_our_keys(out), n_gen, n_real, feature_extractor, protocol)
+    check_counts(len(generated), len(real), prc_neighborhood=prc_neighborhood, isc_splits=isc_splits, kid=kid,
+                 protocol=protocol)
+    extractor = Extractor(feature_extractor, weights_path, protocol, device, batch_size)
+    return score(extractor(generated), extractor(real), {}, extractor, prc_neighborhood=prc_neighborhood,
+                 isc_splits=isc_splits, seed=seed, kid=kid)
 
 
 # metrics.json key -> torch-fidelity's result key (KID only where computed)
@@ -282,11 +274,6 @@ def _result(scores: dict, n_gen: int, n_real: int, feature_extractor: str, proto
     metrics = {**scores, "num_samples": n_gen, "num_real": n_real, "feature_extractor": feature_extractor,
                "protocol": protocol}
     return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in metrics.items()}
-
-
-def _device_scope(device: str):
-    """torch-fidelity moves to the current CUDA device (`.cuda()`): make "cuda:i" current for the call."""
-    return torch.cuda.device(device) if device.startswith("cuda") and ":" in device else contextlib.nullcontext()
 
 
 def local_weights(feature_extractor: str, weights_path) -> Path:
@@ -315,7 +302,7 @@ ADM_PRC_BATCH = 10000  # ManifoldEstimator's row and column batch: the float16 /
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) as ADM's compute_statistics (and torch-fidelity) make them: the mean in the features' float32,
     the covariance (np.cov) in float64."""
-    features = np.asarray(features)
+    features = features.cpu().numpy() if torch.is_tensor(features) else np.asarray(features)
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
@@ -419,43 +406,41 @@ def _layers(cls, protocol: str) -> dict[str, str]:
     return layers
 
 
-def _extract(generated: np.ndarray, real_images: Callable[[], np.ndarray], feature_extractor: str, weights_path: Path,
-             protocol: str, cuda: bool, batch_size: int, reference: ReferenceBatch | None = None):
-    """(layers, generated features, real features): one pass of each side through the extractor, all layers at once.
-    A reference batch's stored statistics are checked against their layers' widths on one image first, and its images
-    read only then."""
-    cls = _extractor_class(feature_extractor, protocol)
-    layers = _layers(cls, protocol)
-    fe = cls(feature_extractor, list(dict.fromkeys(layers.values())),
-             feature_extractor_weights_path=str(weights_path), verbose=False).requires_grad_(False).eval()
-    fe = fe.cuda() if cuda else fe
-    if reference is not None:
-        _check_feature_size(fe, generated, layers, reference, cuda)
-    options = dict(cuda=cuda, batch_size=batch_size, save_cpu_ram=True, verbose=False)
-    features = extract_featuresdict_from_input_id(1, fe, input1=UInt8Images(generated), **options)
-    return layers, features, extract_featuresdict_from_input_id(1, fe, input1=UInt8Images(real_images()), **options)
+def score(generated: dict, real: dict, stored: dict, extractor: Extractor, *, prc_neighborhood: int = 3,
+          isc_splits: int | None = None, seed: int = 0, kid: bool = False) -> dict:
+    """The metrics of generated features against real ones ({layer: [N, D]}, from `extractor`'s layers, on its
+    device), under metrics.json's keys. FID (and sFID) against the stored statistics where there are some
+    (metric -> (mu, sigma)), else against the real features' own, as ADM's evaluator falls back.
 
-
-def _score(features: dict, real: dict, stored: dict, layers: dict, protocol: str, k: int, cuda: bool) -> dict:
-    """The metrics of the generated features against the real ones. FID (and sFID) against the stored statistics
-    where there are some, else against the real features' own, as ADM's evaluator falls back."""
+    torch-fidelity's arithmetic: IS over isc_splits splits shuffled with `seed` (isc_splits None: consecutive
+    unshuffled splits of ~5,000, equal ones: n // 5,000, at least one), KID over subsets of up to 1,000. "adm": ADM's
+    arithmetic throughout (isc_splits, seed and kid unused)."""
+    layers, protocol, k = extractor.layers, extractor.protocol, prc_neighborhood
+    n_gen, n_real = len(generated[layers["prc"]]), len(real[layers["prc"]])
     reference = {m: stored.get(m) or feature_statistics(real[layers[m]]) for m in ("fid", "sfid") if m in layers}
-    move = (lambda t: t.cuda()) if cuda else (lambda t: t)  # the k-NN distances are the costly part
-    generated, real_prc = move(features[layers["prc"]]), move(real[layers["prc"]])
+    generated_prc, real_prc = generated[layers["prc"]], real[layers["prc"]]
     if protocol == "adm":
-        out = {m: adm_frechet_distance(*feature_statistics(features[layers[m]]), *reference[m]) for m in reference}
-        out["isc_mean"], out["isc_std"] = adm_inception_score(features[layers["isc"]], ADM_ISC_SPLIT)
-        out["precision"], out["recall"] = adm_precision_recall(generated, real_prc, k)
-        return out
-    # torch-fidelity's arithmetic; IS on consecutive unshuffled splits of ~5,000 (equal ones: n // 5,000, at least
-    # one). FID: both sides float64, since torch-fidelity asserts equal dtypes.
-    (mu1, sigma1), (mu2, sigma2) = feature_statistics(features[layers["fid"]]), reference["fid"]
-    fid = fid_statistics_to_metric({"mu": mu1.astype(np.float64), "sigma": sigma1},
+        out = {m: adm_frechet_distance(*feature_statistics(generated[layers[m]]), *reference[m]) for m in reference}
+        out["isc_mean"], out["isc_std"] = adm_inception_score(generated[layers["isc"]], ADM_ISC_SPLIT)
+        out["precision"], out["recall"] = adm_precision_recall(generated_prc, real_prc, k)
+        return _result(out, n_gen, n_real, extractor.name, protocol)
+    # FID: both sides' means in float64, since torch-fidelity asserts equal dtypes and stored ones are float64.
+    (mu1, sigma1), (mu2, sigma2) = feature_statistics(generated[layers["fid"]]), reference["fid"]
+    out = fid_statistics_to_metric({"mu": mu1.astype(np.float64), "sigma": sigma1},
                                    {"mu": mu2.astype(np.float64), "sigma": sigma2.astype(np.float64)}, verbose=False)
-    splits = max(1, len(features[layers["isc"]]) // ADM_ISC_SPLIT)
-    isc = isc_featuresdict_to_metric(features, layers["isc"], isc_splits=splits, samples_shuffle=False, verbose=False)
-    prc = prc_features_to_metric(generated, real_prc, prc_neighborhood=k, save_cpu_ram=True, verbose=False)
-    return _our_keys({**fid, **isc, **prc})
+    shuffle = isc_splits is not None
+    splits = isc_splits if shuffle else max(1, n_gen // ADM_ISC_SPLIT)
+    out.update(isc_featuresdict_to_metric(generated, layers["isc"], isc_splits=splits, samples_shuffle=shuffle,
+                                          rng_seed=seed, verbose=False))
+    out.update(prc_features_to_metric(generated_prc, real_prc, prc_neighborhood=k, save_cpu_ram=True, verbose=False))
+    if kid:
+        # torch-fidelity refuses subsets larger than an input; subsets that take all of both inputs are all the same
+        # (permutations), so one is enough (100 took ~8 s at 1,000 vs 1,000 here).
+        size = min(1000, n_gen, n_real)
+        out.update(kid_features_to_metric(generated[layers["fid"]], real[layers["fid"]], kid_subset_size=size,
+                                          kid_subsets=1 if n_gen == n_real == size else 100, rng_seed=seed,
+                                          verbose=False))
+    return _result(_our_keys(out), n_gen, n_real, extractor.name, protocol)
 
 
 # --- ADM's reference batch ----------------------------------------------------------------------------------------
@@ -517,7 +502,7 @@ def reference_batch_metrics(
     weights_path=None,
     device: str = "cpu",
     prc_neighborhood: int = 3,
-    batch_size: int = 64,
+    batch_size: int = 250,
     protocol: str = "torch-fidelity",
 ) -> dict:
     """FID / IS / precision / recall (+ sFID under "adm" with inception-v3-compat) against ADM's reference batch.
@@ -528,29 +513,16 @@ def reference_batch_metrics(
     consecutive unshuffled splits as ADM's but of equal sizes. Same keys as compute_metrics.
     """
     generated = _check_images("generated images", generated_uint8_NHWC)
-    n_gen, n_real = len(generated), reference.image_shape[0]
+    check_reference_shape(generated, reference)
+    check_counts(len(generated), reference.image_shape[0], prc_neighborhood=prc_neighborhood, protocol=protocol,
+                 real=f"in {reference.path}[arr_0]")
+    extractor = Extractor(feature_extractor, weights_path, protocol, device, batch_size)
+    extractor.check_statistics(reference.statistics, reference.path)
+    return score(extractor(generated), extractor(reference.images()), reference.statistics, extractor,
+                 prc_neighborhood=prc_neighborhood)
+
+
+def check_reference_shape(generated: np.ndarray, reference: ReferenceBatch) -> None:
     if generated.shape[1:3] != reference.image_shape[1:3]:
         raise ValueError(f"generated images are {generated.shape[1:3]} but {reference.path}[arr_0] images are "
                          f"{reference.image_shape[1:3]} (H, W); sample.resize_to resizes samples")
-    if prc_neighborhood < 1 or min(n_gen, n_real) <= prc_neighborhood:
-        raise ValueError(f"precision/recall with prc_neighborhood={prc_neighborhood} (>= 1) need more than that "
-                         f"many images per side, got {n_gen} generated and {n_real} in {reference.path}[arr_0]")
-    _check_protocol(protocol)
-    weights_path = local_weights(feature_extractor, weights_path)
-    cuda = device != "cpu"
-    with _device_scope(device):
-        layers, features, real = _extract(generated, reference.images, feature_extractor, weights_path, protocol, cuda,
-                                          batch_size, reference)
-        scores = _score(features, real, reference.statistics, layers, protocol, prc_neighborhood, cuda)
-    return _result(scores, n_gen, n_real, feature_extractor, protocol)
-
-
-def _check_feature_size(fe, generated: np.ndarray, layers: dict, reference: ReferenceBatch, cuda: bool) -> None:
-    """One image through the extractor: each stored statistic in use must have its layer's width."""
-    x = UInt8Images(generated[:1])[0][None]
-    with torch.no_grad():
-        out = fe.convert_features_tuple_to_dict(fe(x.cuda() if cuda else x))
-    for metric, (mu, _) in reference.statistics.items():
-        if metric in layers and out[layers[metric]].shape[1] != len(mu):
-            raise ValueError(f"{reference.path}[{STATISTICS[metric][0]}] has {len(mu)} features but feature extractor "
-                             f'"{fe.get_name()}" layer "{layers[metric]}" gives {out[layers[metric]].shape[1]}')

@@ -20,10 +20,9 @@ from varkd.config import CLASSIFIER_EXTRACTOR as EXTRACTOR_NAME
 from varkd.config import (BackboneConfig, ClassifierJob, ClusterJob, CodeShardJob, ConfigError, DiagnoseJob,
                           EvaluateJob, ExtractCodesJob, GatherCodesJob, GatherSamplesJob, ImportGPTJob,
                           ImportTokenizerJob, IndexImagesJob, MethodConfig, NoiseFloorJob, OptimConfig, PoolJob,
-                          PrepareDataJob, ResourceConfig, RolloutConfig, SampleConfig, SampleJob, SearchConfig,
-                          StudyConfig, SweepConfig,
-                          TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob, check_pair, load_yaml, structured,
-                          to_yaml)
+                          PrepareDataJob, RealFeaturesJob, ResourceConfig, RolloutConfig, SampleConfig, SampleJob,
+                          SearchConfig, StudyConfig, SweepConfig, TeacherLogitsJob, TermConfig, TokenizerJob, TrainJob,
+                          check_pair, load_yaml, structured, to_yaml)
 from varkd.figures import FIGURES, SWEEPS
 from varkd.models.gpt import gpt_config
 
@@ -494,6 +493,22 @@ class Study:
             self._add_extraction_jobs()
         else:
             self._add_in_memory_data_jobs()
+        for split, path in self.real_features().items():
+            if not self.cfg.evaluate.reference_batch:
+                self.jobs[layout.config_of(path)] = RealFeaturesJob(
+                    evaluate=cfg.evaluate, images=self.images, split=split, classifier=self.classifier, out=path)
+            elif split == "test":  # one file stands for both splits
+                self.jobs[layout.config_of(path)] = RealFeaturesJob(
+                    evaluate=cfg.evaluate, classifier=self.classifier, out=path)
+
+    def real_features(self) -> dict[str, str]:
+        """"test" / "val" -> the features file their samples are scored against: each held-out split of images.npz
+        (val only with validation samples), or ADM's reference batch for both."""
+        if self.cfg.evaluate.reference_batch:
+            path = layout.real_features(self.name, "reference")
+            return {"test": path, "val": path}
+        splits = ("test", "val") if self.cfg.sample.val_num_samples else ("test",)
+        return {split: layout.real_features(self.name, split) for split in splits}
 
     def _add_in_memory_data_jobs(self) -> None:
         """The embedded study: images.npz in memory, its tokenizer, classifier and the real-vs-real floor."""
@@ -510,7 +525,7 @@ class Study:
         real = layout.real_dir(self.name)
         self.jobs[layout.evaluate_config(real)] = EvaluateJob(
             evaluate=cfg.evaluate, samples=self.images, val_samples=self.images if cfg.sample.val_num_samples else None,
-            real_key="train_images", num_samples=cfg.sample.num_samples, reference=self.images,
+            real_key="train_images", num_samples=cfg.sample.num_samples, real_features=self.real_features(),
             classifier=self.classifier, identity={"backbone": "-", "method": "real", "seed": 0},
             out=layout.metrics(real))
 
@@ -555,7 +570,8 @@ class Study:
                 out_dir=run_dir)
         self.jobs[layout.evaluate_config(run_dir)] = EvaluateJob(
             evaluate=cfg.evaluate, samples=layout.samples(run_dir),
-            val_samples=layout.val_samples(run_dir) if sample.val_num_samples else None, reference=self.images,
+            val_samples=layout.val_samples(run_dir) if sample.val_num_samples else None,
+            real_features=self.real_features(),
             classifier=self.classifier, checkpoint=checkpoint, codes_val=self.codes("val"),
             codes_test=self.codes("test"), identity=identity, seed=seed, out=layout.metrics(run_dir))
         return sample
@@ -611,7 +627,7 @@ class Study:
         if self.cfg.evaluate.noise_seeds:
             self.jobs[layout.noise_config(self.name, backbone)] = NoiseFloorJob(
                 sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
-                checkpoint=layout.student(sdir), tokenizer=self.tokenizer, reference=self.images,
+                checkpoint=layout.student(sdir), tokenizer=self.tokenizer, real_features=self.real_features()["test"],
                 classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
         self._add_diagnose_job(backbone, sdir, identity)
 

@@ -48,6 +48,24 @@ else:
             "varkd gather-samples {input.config} --threads {threads} > {log} 2>&1"
 
 
+rule real_features:
+    """The real side of every evaluation in the extractor's feature space (a held-out split, or ADM's reference
+    batch as "reference"), extracted once per study."""
+    input:
+        unpack(job(layout.config_of(layout.real_features("{study}", "{split}")))),
+    output:
+        layout.real_features("{study}", "{split}"),
+    log:
+        log_file("real_features_{split}", layout.data_dir("{study}")),
+    wildcard_constraints:
+        split=r"val|test|reference",
+    threads: cpus("real_features")
+    resources:
+        **cluster_resources("real_features"),
+    shell:
+        "varkd real-features {input.config} --threads {threads} > {log} 2>&1"
+
+
 rule evaluate:
     """FID / IS / precision / recall of a run's samples against the held-out images, and its validation NLL."""
     input:
