@@ -123,8 +123,18 @@ def test_token_weights_computes_every_named_selector_and_score_and_no_other():
         assert weights(selector=selector).shape == (3,)
     for reweight in selection.REWEIGHTS:
         assert weights(reweight=reweight).shape == (3,)
-    for field in ("selector", "reweight"):
+    for field in ("selector", "reweight", "space"):
         unnamed = WeightingConfig()
         setattr(unnamed, field, "margin")  # past the config's check
         with pytest.raises(ValueError, match=f"weighting.{field}='margin'"):
             token_weights(unnamed, Q_S.log(), P_T.log(), TOKENS)
+
+
+def test_weighted_mean_computes_every_named_normalisation_and_no_other():
+    per_position, w = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    expected = {"weights": 8.0 / 3, "sequences": (1.0 + 3.5) / 2, "positions": 8.0 / 4}
+    assert set(expected) == set(selection.NORMALIZATIONS)
+    for normalize, value in expected.items():
+        assert weighted_mean(per_position, w, normalize).item() == pytest.approx(value)
+    with pytest.raises(ValueError, match="weighting.normalize='tokens'"):
+        weighted_mean(per_position, w, "tokens")

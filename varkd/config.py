@@ -20,7 +20,7 @@ from varkd.classifier import ClassifierConfig
 from varkd.models.gpt import GPTConfig
 from varkd.models.vq import VQConfig
 from varkd.schedules import MIXTURE_SCHEDULES, REPLAY_RATIOS
-from varkd.selection import REWEIGHTS, SELECTORS
+from varkd.selection import NORMALIZATIONS, REWEIGHTS, SELECTORS, SPACES
 
 T = TypeVar("T")
 
@@ -151,7 +151,6 @@ class OptimConfig:
 
 DIVERGENCES = ("ce", *losses.DIVERGENCES)  # ce: hard labels; the rest: varkd.losses
 DATA_SOURCES = ("ground_truth", "teacher", "student", "repaired", "mixed", "adaptive")
-NORMALIZATIONS = ("weights", "sequences", "positions")
 CLUSTER_SOURCES = ("codebook", "teacher")
 
 
@@ -184,7 +183,7 @@ class WeightingConfig:
         _check_choice("weighting.selector", self.selector, SELECTORS)
         _check_choice("weighting.reweight", self.reweight, REWEIGHTS)
         _check_choice("weighting.normalize", self.normalize, NORMALIZATIONS)
-        _check_choice("weighting.space", self.space, ("tokens", "clusters"))
+        _check_choice("weighting.space", self.space, SPACES)
         _check_positive(self, "top_k")
         if self.threshold < 0 or not 0 <= self.low_weight <= 1 or self.power < 0:
             raise ConfigError("weighting needs threshold >= 0, 0 <= low_weight <= 1 and power >= 0")

@@ -18,7 +18,7 @@ import torch
 from varkd.clusters import cluster_logits
 from varkd.config import WeightingConfig
 from varkd.losses import log_probs
-from varkd.selection import REWEIGHTS, SELECTORS
+from varkd.selection import NORMALIZATIONS, REWEIGHTS, SELECTORS, SPACES
 
 
 def teacher_entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,8 @@ def token_weights(cfg: WeightingConfig, student_logits: torch.Tensor, teacher_lo
     """
     with torch.no_grad():
         student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
+        if cfg.space not in SPACES:
+            raise ValueError(f"weighting.space={cfg.space!r} is not one of {list(SPACES)}")
         if cfg.space == "clusters":
             if clusters is None:
                 raise ValueError("weighting.space=clusters needs the method's clusters")
@@ -82,4 +84,6 @@ def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor, normalize: 
         mass = weights.sum(-1)
         per_sequence = weighted.sum(-1) / mass.clamp(min=tiny)
         return per_sequence.sum() / (mass > 0).sum().clamp(min=1)
-    return weighted.sum() / per_position.numel()
+    if normalize == "positions":
+        return weighted.sum() / per_position.numel()
+    raise ValueError(f"weighting.normalize={normalize!r} is not one of {list(NORMALIZATIONS)}")
