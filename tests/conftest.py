@@ -8,8 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-# DETERMINISTIC, TINY, job, resume_after_kill: tests/test_sources.py and test_chunked_loss.py still import them from here
-from tests.helpers import DETERMINISTIC, REPO, TINY, job, make_miniature, resume_after_kill, snakemake  # noqa: F401
+from tests.helpers import REPO, make_miniature, snakemake
 from varkd.codes import save_code_set
 
 

@@ -14,7 +14,7 @@ from varkd.decode import generate
 from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sjd import generate_sjd
-from tests.conftest import TINY, job, resume_after_kill
+from tests.helpers import TINY, job, resume_after_kill
 
 
 def step_data(method, student, teacher=None, n=48, batch=8):
