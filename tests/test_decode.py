@@ -72,7 +72,8 @@ def test_a_batch_after_another_equals_a_fresh_batch_even_on_a_poisoned_cache(sam
 def test_bf16_copies_follow_the_optimizer():
     model = tiny_model()
     decoder = Decoder(model, dtype=torch.bfloat16)
-    assert decoder.net.tok_embeddings.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in decoder.net.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in decoder.net.parameters())
     assert model.tok_embeddings.weight.dtype == torch.float32  # the model itself is not cast
     y = torch.arange(4)
     generate(decoder, y, generator=gen(0))

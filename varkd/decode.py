@@ -52,10 +52,13 @@ class Decoder:
         self.model, self.device, self.bucket = model, weight.device, bucket
         self.dtype = autocast_dtype(weight.device, weight.dtype) if dtype is None else dtype
         self.shared = self.dtype == weight.dtype  # decode with the model's own parameters, nothing to refresh
-        params = {id(p): p for p in model.parameters()} if self.shared else {}
-        self.net = copy.deepcopy(model, memo=params).eval()  # its own modules (mode, caches), maybe shared weights
+        # Its own modules (mode, caches) around the model's parameters, or around copies made straight in the
+        # decoding dtype (never a full float32 duplicate of a large model on the device).
+        params = {id(p): p if self.shared else torch.nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+                  for p in model.parameters()}
+        self.net = copy.deepcopy(model, memo=params).eval()
         if not self.shared:
-            self.net.to(self.dtype).requires_grad_(False)
+            self.net.to(self.dtype)
         self.net.clear_caches()
         self.rows = self.length = 0
         self.step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True) if compile else decode_step
@@ -80,9 +83,7 @@ class Decoder:
             self.rows, self.length = max(rows, self.rows), max(length, self.length)
             self.net.setup_caches(self.rows, self.length, self.dtype)
         else:
-            for layer in self.net.layers:
-                layer.attention.kv_cache.k_cache.zero_()
-                layer.attention.kv_cache.v_cache.zero_()
+            self.net.reset_caches()
         return self.net
 
     def kv_len(self, last_pos: int) -> int:

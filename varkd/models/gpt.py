@@ -179,13 +179,18 @@ class KVCache(nn.Module):
 
     Allocated once and written in place (no reallocation, no host sync), so a decoding step can be captured as a
     CUDA graph. Slots a query may not see are masked by the caller, so stale slots from an earlier batch are
-    harmless as long as they are finite (`varkd.decode.Decoder` zeroes the cache between batches)."""
+    harmless as long as they are finite (`varkd.decode.Decoder` zeroes the cache between batches, `reset`)."""
 
     def __init__(self, max_batch_size: int, max_seq_length: int, n_head: int, head_dim: int, dtype, device=None):
         super().__init__()
         shape = (max_batch_size, n_head, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def reset(self) -> None:
+        """Zero both stores in place: the same memory, so a graph captured over them stays valid."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v [B, H, L, D] at input_pos ([L], or [B, L] per row); return this batch's first kv_len slots."""
@@ -315,6 +320,11 @@ class GPT(nn.Module):
     def clear_caches(self):
         for layer in self.layers:
             layer.attention.kv_cache = None
+
+    def reset_caches(self) -> None:
+        """Zero every layer's KV cache in place (setup_caches done)."""
+        for layer in self.layers:
+            layer.attention.kv_cache.reset()
 
     @property
     def has_caches(self) -> bool:
