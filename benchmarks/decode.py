@@ -20,7 +20,6 @@ Every variant is guarded: an error (CUDA OOM included) is reported in its row an
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from paper_scale import build, free_memory, guarded, kd_flops, model_config, peak_gib, reset_peak, sync, timed
+from paper_scale import build, common_args, free_memory, guarded, kd_flops, model_config, peak_gib, reset_peak, sync, timed
 from varkd.decode import Decoder, generate
 from varkd.sjd import generate_sjd
 
@@ -211,22 +210,9 @@ def kd_section(args, device: torch.device) -> list[str]:
 
 
 def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", help="markdown report file (rewritten after every section)")
-    ap.add_argument("--smoke", action="store_true", help="tiny configs and few steps, for a CPU check")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (H100/H200 SXM dense bf16)")
+    ap = common_args(__doc__.split("\n")[0], rollout_models="GPT-B,GPT-XL", cfg_scale=2.0, kd_warmup=3)
     ap.add_argument("--llamagen", help="a LlamaGen checkout: also time its generate() on the same weights")
-    ap.add_argument("--rollout-models", default="GPT-B,GPT-XL")
-    ap.add_argument("--rollout-batch", type=int, default=256)
-    ap.add_argument("--rollout-repeats", type=int, default=2)
-    ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--window", type=int, default=16, help="SJD window")
-    ap.add_argument("--student", default="GPT-B")
-    ap.add_argument("--teacher", default="GPT-XL")
-    ap.add_argument("--kd-batch", type=int, default=32)
-    ap.add_argument("--kd-warmup", type=int, default=3)
-    ap.add_argument("--kd-steps", type=int, default=5)
     ap.add_argument("--loss-chunk", type=int, default=4096)
     ap.add_argument("--sections", default="rollouts,kd")
     args = ap.parse_args()

@@ -445,8 +445,9 @@ def rollout_report(args, results: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------------
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_args(description: str, *, rollout_models: str, cfg_scale: float, kd_warmup: int) -> argparse.ArgumentParser:
+    """The options this script and benchmarks/decode.py share (report, device, models, batch sizes, steps)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", help="markdown report file (rewritten after every section)")
     ap.add_argument("--smoke", action="store_true", help="tiny configs and few steps, for a CPU check")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -454,15 +455,20 @@ def parse_args():
     ap.add_argument("--student", default="GPT-B")
     ap.add_argument("--teacher", default="GPT-XL")
     ap.add_argument("--kd-batch", type=int, default=32, help="first batch tried (sequences); halved on OOM")
-    ap.add_argument("--kd-warmup", type=int, default=2)
+    ap.add_argument("--kd-warmup", type=int, default=kd_warmup)
     ap.add_argument("--kd-steps", type=int, default=5)
+    ap.add_argument("--rollout-models", default=rollout_models)
+    ap.add_argument("--rollout-batch", type=int, default=256, help="images (2x rows with CFG); halved on OOM")
+    ap.add_argument("--rollout-repeats", type=int, default=2)
+    ap.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    return ap
+
+
+def parse_args():
+    ap = common_args(__doc__.split("\n")[0], rollout_models="GPT-B,GPT-XL,GPT-L", cfg_scale=4.0, kd_warmup=2)
     ap.add_argument("--compile-budget", type=float, default=120.0, help="seconds; 0 skips the compiled variant")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; eager "
                                                             "under --smoke)")
-    ap.add_argument("--rollout-models", default="GPT-B,GPT-XL,GPT-L")
-    ap.add_argument("--rollout-batch", type=int, default=256, help="images (2x rows with CFG); halved on OOM")
-    ap.add_argument("--rollout-repeats", type=int, default=2)
-    ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--naive-points", type=int, default=9, help="prefix lengths timed for the no-cache estimate")
     ap.add_argument("--naive-full", default="GPT-B", help="models whose no-cache rollout is also run end to end")
     ap.add_argument("--child-kd-batch", type=int, help=argparse.SUPPRESS)  # internal: run variant (c) only
