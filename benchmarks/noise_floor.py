@@ -1,8 +1,8 @@
 """How much FID and the other sample metrics move with the sampling seed alone, against the number of samples.
 
 One model (a study's student init or teacher), K sampling seeds per sample count, each set scored against the
-study's test images exactly as a run's samples are (varkd.jobs.RealSide). The standard deviation over seeds is
-the noise floor a single evaluation carries; it chooses sample.num_samples (config/config.yaml).
+study's test images exactly as a run's samples are (varkd.steps.evaluate.RealSide). The standard deviation over
+seeds is the noise floor a single evaluation carries; it chooses sample.num_samples (config/config.yaml).
 
     python benchmarks/noise_floor.py results/embedded --model tiny/student_init --counts 500 1000 2000 --seeds 5
 """
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from varkd.config import EvaluateConfig, SampleConfig
-from varkd.jobs import NOISE_STREAM, RealSide, balanced_labels, draw_images, load_sampler, sample_seed
+from varkd.steps.evaluate import RealSide
+from varkd.steps.sample import NOISE_STREAM, balanced_labels, draw_images, load_sampler, sample_seed
 
 
 def main() -> None:

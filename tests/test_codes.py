@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 from torchvision.transforms import TenCrop
 
-from varkd import cli, distill, imagefolder, jobs, sources
+from varkd import cli, distill, imagefolder, sources
 from varkd.checkpoints import load_gpt, save_model
 from varkd.codes import CodeSet, code_set_writer, load_code_set, save_code_set
 from varkd.config import (CodeShardJob, ExtractCodesJob, GatherCodesJob, IndexImagesJob, MethodConfig, RolloutConfig,
@@ -16,6 +16,7 @@ from varkd.data import SPLITS, Split, center_crop_arr, save_splits
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
+from varkd.steps.data import extract_codes
 from tests.helpers import TINY, job, tiny_config
 
 SIZE = 32  # tiny_config: 32x32 -> 8x8 codes
@@ -160,7 +161,7 @@ def test_embedded_extraction_writes_one_view_code_sets(tokenizer, tmp_path):
     rng = np.random.default_rng(1)
     splits = [Split(rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), rng.integers(0, 3, n)) for n in (6, 4, 5)]
     save_splits(tmp_path / "images.npz", dict(zip(SPLITS, splits)))
-    jobs.extract_codes(ExtractCodesJob(tokenizer=tokenizer_path, images=str(tmp_path / "images.npz"),
+    extract_codes(ExtractCodesJob(tokenizer=tokenizer_path, images=str(tmp_path / "images.npz"),
                                        out_dir=str(tmp_path / "codes")), torch.device("cpu"))
     for split, images in zip(SPLITS, splits):
         codes = load_code_set(tmp_path / "codes" / split)

@@ -14,7 +14,8 @@ from varkd.data import Split, save_splits
 from varkd.decode import Decoder, generate
 from varkd.distill import heldout_nll
 from varkd.features import load_features
-from varkd.jobs import NOISE_STREAM, draw_images, evaluate, noise_floor, real_features, sample_seed
+from varkd.steps.evaluate import evaluate, noise_floor, real_features
+from varkd.steps.sample import NOISE_STREAM, draw_images, sample_seed
 from varkd.metrics import compute_metrics
 from varkd.models.vq import VQModel
 

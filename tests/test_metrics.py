@@ -26,7 +26,7 @@ from varkd.classifier import (
 from varkd.checkpoints import load_classifier, save_model
 from varkd.config import ConfigError, EvaluateConfig, EvaluateJob, RealFeaturesJob
 from varkd.images import to_model_input
-from varkd.jobs import evaluate, real_features
+from varkd.steps.evaluate import evaluate, real_features
 import varkd.metrics as vm
 from varkd.features import UInt8Images
 

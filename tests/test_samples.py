@@ -11,7 +11,7 @@ from varkd.checkpoints import load_gpt, load_vq, save_model
 from varkd.config import GatherSamplesJob, SampleConfig, SampleJob, to_yaml
 from varkd.decode import generate
 from varkd.images import to_uint8
-from varkd.jobs import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_seed
+from varkd.steps.sample import TEST_STREAM, VAL_STREAM, gather_samples, sample, sample_seed
 from varkd.models.vq import VQModel
 from varkd.npz import npz_headers, npz_rows, npz_writer
 

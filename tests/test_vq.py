@@ -161,7 +161,7 @@ def test_tokenizer_job_is_reproducible_and_refuses_a_collapsed_codebook(tmp_path
     writing no tokenizer, when fewer than tokenizer.min_codebook_usage of the codes are in use."""
     from varkd.config import OptimConfig, TokenizerConfig, TokenizerJob
     from varkd.data import Split, save_splits
-    from varkd.jobs import train_tokenizer
+    from varkd.steps.data import train_tokenizer
 
     rng = np.random.default_rng(0)
     save_splits(tmp_path / "images.npz", {name: Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),

@@ -19,24 +19,24 @@ from varkd.figures import FIGURES, SWEEPS
 # command -> (its job config class in varkd.config, the function running the job). Named, not imported: the
 # modules import torch (seconds), which `varkd --help` and a mistyped command line do not need.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare-data": ("PrepareDataJob", "varkd.jobs:prepare_data"),
-    "train-tokenizer": ("TokenizerJob", "varkd.jobs:train_tokenizer"),
-    "extract-codes": ("ExtractCodesJob", "varkd.jobs:extract_codes"),
+    "prepare-data": ("PrepareDataJob", "varkd.steps.data:prepare_data"),
+    "train-tokenizer": ("TokenizerJob", "varkd.steps.data:train_tokenizer"),
+    "extract-codes": ("ExtractCodesJob", "varkd.steps.data:extract_codes"),
     "index-images": ("IndexImagesJob", "varkd.imagefolder:index_images"),
     "extract-code-shard": ("CodeShardJob", "varkd.imagefolder:extract_code_shard"),
     "gather-codes": ("GatherCodesJob", "varkd.imagefolder:gather_codes"),
-    "train-classifier": ("ClassifierJob", "varkd.jobs:train_classifier"),
+    "train-classifier": ("ClassifierJob", "varkd.steps.data:train_classifier"),
     "cluster-codebook": ("ClusterJob", "varkd.clusters:cluster_codebook"),
     "train": ("TrainJob", "varkd.distill:train_gpt"),
     "cache-teacher-logits": ("TeacherLogitsJob", "varkd.distill:cache_teacher_logits"),
     "sample-pool": ("PoolJob", "varkd.distill:sample_pool"),
     "import-gpt": ("ImportGPTJob", "varkd.checkpoints:import_gpt"),
     "import-tokenizer": ("ImportTokenizerJob", "varkd.checkpoints:import_tokenizer"),
-    "sample": ("SampleJob", "varkd.jobs:sample"),
-    "gather-samples": ("GatherSamplesJob", "varkd.jobs:gather_samples"),
-    "real-features": ("RealFeaturesJob", "varkd.jobs:real_features"),
-    "evaluate": ("EvaluateJob", "varkd.jobs:evaluate"),
-    "noise-floor": ("NoiseFloorJob", "varkd.jobs:noise_floor"),
+    "sample": ("SampleJob", "varkd.steps.sample:sample"),
+    "gather-samples": ("GatherSamplesJob", "varkd.steps.sample:gather_samples"),
+    "real-features": ("RealFeaturesJob", "varkd.steps.evaluate:real_features"),
+    "evaluate": ("EvaluateJob", "varkd.steps.evaluate:evaluate"),
+    "noise-floor": ("NoiseFloorJob", "varkd.steps.evaluate:noise_floor"),
     "diagnose": ("DiagnoseJob", "varkd.diagnostics:diagnose"),
 }
 
