@@ -12,7 +12,7 @@ not a test). Random-initialised LlamaGen c2i GPTs (vocab 16384, 256 tokens); tok
    % of the bandwidth floor (weights + the filled KV prefix read once per step at the measured copy bandwidth),
    host syncs per step (torch.cuda.set_sync_debug_mode), compile time, peak memory, greedy-token agreement with
    the eager engine.
-2. KD step: `varkd.distill.train_gpt` itself (GPT-B student, GPT-XL live teacher, forward KL on ground truth with
+2. KD step: `varkd.steps.train.train_gpt` itself (GPT-B student, GPT-XL live teacher, forward KL on ground truth with
    confidence reweighting), a few logged steps per variant: bf16 / bf16 + loss_chunk / + torch.compile. Step time
    from train_log.csv; tokens/s; MFU as benchmarks/paper_scale.py counts model FLOPs. Needs omegaconf and tqdm
    (benchmarks/gpu.sh carries them).
@@ -160,10 +160,10 @@ def rollout_section(args, device: torch.device, bandwidth: float) -> list[str]:
 
 def kd_section(args, device: torch.device) -> list[str]:
     """train_gpt itself, a few steps per variant; step time from its log (steps after the warm-up ones)."""
-    from varkd import distill
     from varkd.checkpoints import save_model
     from varkd.codes import save_code_set
     from varkd.config import MethodConfig, OptimConfig, TermConfig, TrainJob, WeightingConfig
+    from varkd.steps.train import train_gpt
 
     student_cfg, teacher_cfg = model_config(args.student, args.smoke), model_config(args.teacher, args.smoke)
     tmp = Path(tempfile.mkdtemp(prefix="varkd-bench-"))
@@ -191,7 +191,7 @@ def kd_section(args, device: torch.device) -> list[str]:
                            codes_train=str(tmp / "train"), codes_val=str(tmp / "val"), out_dir=str(out),
                            teacher=str(tmp / "teacher.pt"))
             reset_peak(device)
-            distill.train_gpt(job, device)
+            train_gpt(job, device)
             sync(device)
             elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(open(out / "train_log.csv"))]
             step_s = (elapsed[-1] - elapsed[args.kd_warmup - 1]) / args.kd_steps  # the log rounds to 10 ms

@@ -8,6 +8,7 @@ import torch
 from varkd import distill
 from varkd.config import ConfigError, MethodConfig, OptimConfig, TermConfig, WeightingConfig
 from varkd.models.gpt import GPT, GPTConfig
+from varkd.steps.train import train_gpt
 
 from tests.helpers import DETERMINISTIC, job
 
@@ -57,14 +58,14 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradient(name, chunk):
 
 def test_the_kd_step_with_chunks_trains_as_without(codes, tmp_path):
     """loss_chunk changes the memory of the step, not the run: the same losses, step by step."""
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=4, model=GPTConfig(**DETERMINISTIC)))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=4, model=GPTConfig(**DETERMINISTIC)))
     kd = MethodConfig(terms=[TermConfig(divergence="fkl", weighting=WeightingConfig(reweight="confidence"))])
     logs = []
     for chunk in (0, 20):
         run = job(codes, tmp_path / f"chunk{chunk}", method="fkl", steps=6, kd=kd, teacher=str(teacher_path),
                   model=GPTConfig(**DETERMINISTIC))
         run.optim.loss_chunk = chunk
-        distill.train_gpt(run)
+        train_gpt(run)
         logs.append([float(r["loss"]) for r in csv.DictReader(open(tmp_path / f"chunk{chunk}" / "train_log.csv"))])
     assert len(logs[0]) == 6
     assert logs[1] == pytest.approx(logs[0], rel=1e-4)

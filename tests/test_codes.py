@@ -18,6 +18,8 @@ from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
 from varkd.steps import imagefolder
 from varkd.steps.data import extract_codes
+from varkd.steps.teacher import cache_teacher_logits, sample_pool
+from varkd.steps.train import train_gpt
 from tests.helpers import TINY, job, tiny_config
 
 SIZE = 32  # tiny_config: 32x32 -> 8x8 codes
@@ -236,9 +238,9 @@ def test_ten_view_ground_truth_logits_cache_holds_every_view(tmp_path):
     rng = np.random.default_rng(0)
     save_code_set(tmp_path / "train", rng.integers(0, 16, (n, 10, 16)), rng.integers(0, 3, n), vocab_size=16)
     save_code_set(tmp_path / "val", rng.integers(0, 16, (8, 1, 16)), rng.integers(0, 3, 8), vocab_size=16)
-    run = distill.train_gpt(job(tmp_path, tmp_path / "ce", steps=2))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(run), codes_train=str(tmp_path / "train"),
-                                                  out=str(tmp_path / "logits.npy")))
+    run = train_gpt(job(tmp_path, tmp_path / "ce", steps=2))
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(run), codes_train=str(tmp_path / "train"),
+                                          out=str(tmp_path / "logits.npy")))
     assert np.load(tmp_path / "logits.npy", mmap_mode="r").shape == (n, 10, 2, 16, 16)
     train_set, teacher = load_code_set(tmp_path / "train"), load_gpt(run)
     method = MethodConfig(terms=[TermConfig(divergence="fkl")])
@@ -251,39 +253,39 @@ def test_ten_view_ground_truth_logits_cache_holds_every_view(tmp_path):
     cached = targets(batch, batch.codes, batch.labels)
     assert cached.dtype == torch.float16  # as stored: the losses upcast per position
     torch.testing.assert_close(cached.float(), live.float(), atol=0.02, rtol=0.01)
-    student = distill.train_gpt(job(tmp_path, tmp_path / "fkl", method="fkl", steps=2,
-                                    teacher_logits=str(tmp_path / "logits.npy")))
+    student = train_gpt(job(tmp_path, tmp_path / "fkl", method="fkl", steps=2,
+                            teacher_logits=str(tmp_path / "logits.npy")))
     assert torch.load(student, weights_only=True)["train"]["teacher_forwards"] == 0
 
 
 def test_pool_without_logits_is_scored_by_the_live_teacher(codes, tmp_path):
-    teacher = distill.train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
+    teacher = train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
     rollout = RolloutConfig(null_fraction=0.3, teacher_pool=True)
     pool_dir = tmp_path / "pool"
-    distill.sample_pool(PoolJob(model=str(teacher), codes_train=str(codes / "train"), rollout=rollout,
-                                out_dir=str(pool_dir), logits=False, batch_size=32))
+    sample_pool(PoolJob(model=str(teacher), codes_train=str(codes / "train"), rollout=rollout,
+                        out_dir=str(pool_dir), logits=False, batch_size=32))
     assert sorted(p.name for p in pool_dir.iterdir()) == ["codes.npy", "labels.npy"]
     pool = load_code_set(pool_dir)
     assert (pool.N, pool.A, pool.T) == (96, 1, 16)
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="fkl")], rollout=rollout)
     with pytest.raises(ValueError, match="pool_logits: false.*TrainJob.teacher is unset"):
-        distill.train_gpt(job(codes, tmp_path / "bad", method="pooled", kd=method, teacher_pool=str(pool_dir),
-                              pool_logits=False))
-    run = distill.train_gpt(job(codes, tmp_path / "run", method="pooled", kd=method, steps=3, teacher=str(teacher),
-                                teacher_pool=str(pool_dir), pool_logits=False))
+        train_gpt(job(codes, tmp_path / "bad", method="pooled", kd=method, teacher_pool=str(pool_dir),
+                      pool_logits=False))
+    run = train_gpt(job(codes, tmp_path / "run", method="pooled", kd=method, steps=3, teacher=str(teacher),
+                        teacher_pool=str(pool_dir), pool_logits=False))
     train = torch.load(run, weights_only=True)["train"]
     assert train["teacher_forwards"] == 3 and train["rollouts"] == 0  # pool sequences, live teacher targets
 
 
 def test_sharded_teacher_pool_gathers_to_a_pool_of_the_same_labels(codes, tmp_path):
-    teacher = distill.train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
+    teacher = train_gpt(job(codes, tmp_path / "teacher", steps=2, checkpoint_name="teacher.pt"))
     rollout = RolloutConfig(null_fraction=0.3, teacher_pool=True)
     base = PoolJob(model=str(teacher), codes_train=str(codes / "train"), rollout=rollout, seed=5,
                    out_dir=str(tmp_path / "whole"), logits=False, batch_size=32)
-    distill.sample_pool(base)
+    sample_pool(base)
     sharded = dict(out_dir=str(tmp_path / "sharded"), num_shards=3)
     for i in range(3):
-        distill.sample_pool(PoolJob(**{**base.__dict__, **sharded, "shard": i}))
+        sample_pool(PoolJob(**{**base.__dict__, **sharded, "shard": i}))
     shards = [str(tmp_path / "sharded" / "shards" / f"shard{i}.npz") for i in range(3)]
     imagefolder.gather_codes(GatherCodesJob(shards=shards, out_dir=str(tmp_path / "sharded")))
     whole, gathered = load_code_set(tmp_path / "whole"), load_code_set(tmp_path / "sharded")
@@ -292,4 +294,4 @@ def test_sharded_teacher_pool_gathers_to_a_pool_of_the_same_labels(codes, tmp_pa
     low, high = gathered.code_range()
     assert (gathered.labels == 3).sum() > 0 and 0 <= low and high < 16
     with pytest.raises(ValueError, match="sharded pool stores no logits"):
-        distill.sample_pool(PoolJob(**{**base.__dict__, **sharded, "logits": True}))
+        sample_pool(PoolJob(**{**base.__dict__, **sharded, "logits": True}))

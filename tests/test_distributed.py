@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from varkd import cli, distill, distributed
+from varkd import cli, distributed
 from varkd.config import ConfigError, OptimConfig, to_yaml
 from varkd.models.gpt import GPTConfig
+from varkd.steps.train import train_gpt
 
 from tests.helpers import DETERMINISTIC, REPO, job
 
@@ -52,8 +53,8 @@ def assert_close_weights(got: dict, expected: dict) -> None:
 
 
 def test_grad_accumulation_equals_one_big_batch(codes, tmp_path):
-    whole = distill.train_gpt(job(codes, tmp_path / "whole", model=STILL, optim=optim()))
-    micro = distill.train_gpt(job(codes, tmp_path / "micro", model=STILL, optim=optim(grad_accum=2)))
+    whole = train_gpt(job(codes, tmp_path / "whole", model=STILL, optim=optim()))
+    micro = train_gpt(job(codes, tmp_path / "micro", model=STILL, optim=optim(grad_accum=2)))
     assert_close_weights(weights(micro), weights(whole))
     for x, y in zip(log_rows(tmp_path / "whole"), log_rows(tmp_path / "micro")):
         assert float(y["loss"]) == pytest.approx(float(x["loss"]), abs=1e-5)
@@ -62,7 +63,7 @@ def test_grad_accumulation_equals_one_big_batch(codes, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_train_like_one_process_and_rank_0_alone_writes(codes, tmp_path):
-    single = distill.train_gpt(job(codes, tmp_path / "single", model=STILL, optim=optim()))
+    single = train_gpt(job(codes, tmp_path / "single", model=STILL, optim=optim()))
     out = tmp_path / "ddp"
     config = write_job(job(codes, out, model=STILL, optim=optim(grad_accum=2)), tmp_path / "ddp.yaml")
     assert train_ranks(config) == 0  # 2 ranks x 2 micro-batches of 2 sequences
@@ -142,7 +143,7 @@ def test_sigterm_to_the_launcher_reaches_its_ranks(codes, tmp_path):
 
 def test_a_batch_that_does_not_split_is_refused_before_any_work(codes, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"optim.batch_size=8 .* optim.grad_accum=3 .* world size 1"):
-        distill.train_gpt(job(codes, tmp_path / "a", optim=optim(grad_accum=3)))
+        train_gpt(job(codes, tmp_path / "a", optim=optim(grad_accum=3)))
     assert not (tmp_path / "a").exists()
     config = write_job(job(codes, tmp_path / "b", optim=optim()), tmp_path / "b.yaml")
     assert train_ranks(config, nproc=3) == 2  # refused before the ranks start

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from varkd import distill, sources
+from varkd import sources
 from varkd.config import MethodConfig, RolloutConfig, TermConfig
 from varkd.decode import generate
 from varkd.sampling import cfg_logits
 from varkd.sjd import generate_sjd
+from varkd.steps.train import train_gpt
 from tests.helpers import job, random_gpt, resume_after_kill, step_data
 
 T, NULL = 16, 3  # TINY's block_size and null class
@@ -191,14 +192,14 @@ def test_repaired_data_needs_the_teacher():
 
 
 def test_repaired_run_logs_its_repairs_and_resumes_exactly(codes, tmp_path, monkeypatch):
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
     # the teacher and the student start from the same weights (seed 3) and stay close: threshold 1 rejects the
     # first token the teacher finds less likely than the student does
     method = MethodConfig(terms=[TermConfig(data="repaired", divergence="fkl")],
                           rollout=RolloutConfig(repair_threshold=1.0))
 
     def run(out):
-        return distill.train_gpt(job(codes, out, method="repaired", kd=method, steps=8, teacher=str(teacher_path)))
+        return train_gpt(job(codes, out, method="repaired", kd=method, steps=8, teacher=str(teacher_path)))
 
     straight = torch.load(run(tmp_path / "a"), weights_only=True)
     log = list(csv.DictReader(open(tmp_path / "a" / "train_log.csv")))

@@ -14,6 +14,9 @@ from varkd.decode import generate
 from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.sjd import generate_sjd
+from varkd.steps.teacher import cache_teacher_logits, sample_pool
+from varkd.steps.train import train_gpt
+import varkd.steps.train
 from tests.helpers import TINY, job, resume_after_kill
 
 
@@ -97,15 +100,15 @@ def test_adaptive_capacity_must_hold_a_batch():
 
 
 def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypatch):
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=5, checkpoint_name="teacher.pt"))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
-                                                  out=str(tmp_path / "logits.npy")))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=5, checkpoint_name="teacher.pt"))
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
+                                          out=str(tmp_path / "logits.npy")))
     method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")],
                           adaptive=AdaptiveConfig(init_threshold=0.7, capacity=16, eval_every=3))
 
     def run(out):
-        return distill.train_gpt(job(codes, out, method="distillm", kd=method, teacher=str(teacher_path),
-                                     teacher_logits=str(tmp_path / "logits.npy")))
+        return train_gpt(job(codes, out, method="distillm", kd=method, teacher=str(teacher_path),
+                             teacher_logits=str(tmp_path / "logits.npy")))
 
     straight = torch.load(run(tmp_path / "a"), weights_only=True)
     assert straight["train"]["rollouts"] > 0 and straight["train"]["replayed"] > 0  # all three branches taken
@@ -114,10 +117,10 @@ def test_adaptive_run_resumes_exactly_with_its_buffer(codes, tmp_path, monkeypat
 
 
 def test_two_term_method_logs_both_terms(codes, tmp_path):
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="skl"),
                                  TermConfig(data="student", divergence="srkl", detach_mixture=True, weight=0.5)])
-    distill.train_gpt(job(codes, tmp_path / "d2", method="distillm2", kd=method, steps=4, teacher=str(teacher_path)))
+    train_gpt(job(codes, tmp_path / "d2", method="distillm2", kd=method, steps=4, teacher=str(teacher_path)))
     row = list(csv.DictReader(open(tmp_path / "d2" / "train_log.csv")))[-1]
     total = float(row["teacher_skl"]) + 0.5 * float(row["student_srkl"])
     assert float(row["loss"]) == pytest.approx(total, rel=1e-5)
@@ -126,14 +129,14 @@ def test_two_term_method_logs_both_terms(codes, tmp_path):
 
 def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path):
     """The pool: teacher samples for the training labels (some null), their logits, and a run that reads both."""
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
     codes_train = str(codes / "train")
     train_set = load_code_set(codes_train)
     x, y = train_set.batch(np.arange(train_set.N)), train_set.labels
     rollout = RolloutConfig(temperature=0.8, null_fraction=0.3, teacher_pool=True)
     pool_dir = tmp_path / "pool"
-    distill.sample_pool(PoolJob(model=str(teacher_path), codes_train=codes_train, rollout=rollout, seed=0,
-                                out_dir=str(pool_dir), batch_size=7))
+    sample_pool(PoolJob(model=str(teacher_path), codes_train=codes_train, rollout=rollout, seed=0,
+                        out_dir=str(pool_dir), batch_size=7))
     pool = load_code_set(pool_dir)
     pool_codes, pool_labels = pool.batch(np.arange(pool.N)), pool.labels
     logits = np.load(pool_dir / "logits.npy")
@@ -149,8 +152,8 @@ def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path
     assert torch.equal(pool_codes[:7], expected)
 
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="fkl")], rollout=rollout)
-    student = distill.train_gpt(job(codes, tmp_path / "run", method="pooled", kd=method, steps=4,
-                                    teacher_pool=str(pool_dir)))
+    student = train_gpt(job(codes, tmp_path / "run", method="pooled", kd=method, steps=4,
+                            teacher_pool=str(pool_dir)))
     train = torch.load(student, weights_only=True)["train"]
     assert train["teacher_forwards"] == 0 and train["rollouts"] == 0  # targets and sequences came from the pool
     data = sources.StepData(method, train_set, BatchOrder(len(x), 8, seed=0), student=random_gpt(0), teacher=None,
@@ -270,9 +273,9 @@ def test_split_steps_mix_the_same_rows_as_whole_ones():
 
 def test_mixed_batches_are_scored_by_the_live_teacher(codes, tmp_path):
     """The cache holds ground-truth rows only: a batch with student rows is scored live, a ground-truth one is read."""
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
-                                                  out=str(tmp_path / "logits.npy")))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
+                                          out=str(tmp_path / "logits.npy")))
     teacher = load_gpt(teacher_path)
     train_set = load_code_set(codes / "train")
     data = sources.StepData(IMITKD, train_set, BatchOrder(train_set.N, 8, seed=0), student=random_gpt(0),
@@ -292,13 +295,13 @@ def test_mixed_batches_are_scored_by_the_live_teacher(codes, tmp_path):
 
 
 def test_imitkd_run_logs_its_schedule_and_resumes_exactly(codes, tmp_path, monkeypatch):
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
-                                                  out=str(tmp_path / "logits.npy")))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
+                                          out=str(tmp_path / "logits.npy")))
 
     def run(out):
-        return distill.train_gpt(job(codes, out, method="imitkd", kd=IMITKD, teacher=str(teacher_path),
-                                     teacher_logits=str(tmp_path / "logits.npy")))
+        return train_gpt(job(codes, out, method="imitkd", kd=IMITKD, teacher=str(teacher_path),
+                             teacher_logits=str(tmp_path / "logits.npy")))
 
     straight = torch.load(run(tmp_path / "a"), weights_only=True)
     log = list(csv.DictReader(open(tmp_path / "a" / "train_log.csv")))
@@ -356,17 +359,17 @@ def test_gkd_draws_are_unchanged_and_its_share_is_logged():
 def test_distillm_logs_its_threshold_rising_with_the_validation_loss(codes, tmp_path, monkeypatch):
     """A scripted validation NLL: tau_a rises by 0.1 exactly at the evaluations where the loss has risen by
     loss_eps over its reference, and student_share is the share of steps on fresh or replayed student data."""
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
-                                                  out=str(tmp_path / "logits.npy")))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=str(codes / "train"),
+                                          out=str(tmp_path / "logits.npy")))
     # evaluations at steps 0, 2, 4, ..., 10 (eval_every 2), then the final one; fires: 2.2 >= 2.0 + 0.1 at step 4,
     # 2.35 >= 2.2 + 0.1 at step 8; 2.25 (step 6) and 2.4 (step 10) do not
     script = iter([2.0, 1.9, 2.2, 2.25, 2.35, 2.4, 1.0])
-    monkeypatch.setattr(distill, "heldout_nll", lambda *args, **kwargs: next(script))
+    monkeypatch.setattr(varkd.steps.train, "heldout_nll", lambda *args, **kwargs: next(script))
     method = MethodConfig(terms=[TermConfig(data="adaptive", divergence="skl")],
                           adaptive=AdaptiveConfig(init_threshold=0.3, loss_eps=0.1, capacity=16, eval_every=2))
-    distill.train_gpt(job(codes, tmp_path / "d", method="distillm", kd=method, teacher=str(teacher_path),
-                          teacher_logits=str(tmp_path / "logits.npy")))
+    train_gpt(job(codes, tmp_path / "d", method="distillm", kd=method, teacher=str(teacher_path),
+                  teacher_logits=str(tmp_path / "logits.npy")))
     log = list(csv.DictReader(open(tmp_path / "d" / "train_log.csv")))
     tau = [float(r["tau_a"]) for r in log]  # row k: after step index k - 1
     assert tau == pytest.approx([0.3] * 4 + [0.4] * 4 + [0.5] * 4)
@@ -379,13 +382,13 @@ def test_distillm_logs_its_threshold_rising_with_the_validation_loss(codes, tmp_
 def test_student_pool_is_read_for_student_terms_and_scored_by_the_live_teacher(codes, tmp_path):
     """DistiLLM-2: the student init's samples, drawn once with the method's settings, replace fresh rollouts; the
     teacher pool keeps its cached logits, the student pool has none and the teacher scores it live."""
-    teacher_path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
-    init_path = distill.train_gpt(job(codes, tmp_path / "init", steps=3))
+    teacher_path = train_gpt(job(codes, tmp_path / "teacher", steps=3, checkpoint_name="teacher.pt"))
+    init_path = train_gpt(job(codes, tmp_path / "init", steps=3))
     codes_train, rollout = str(codes / "train"), RolloutConfig(temperature=0.8, top_p=0.95, null_fraction=0.3)
-    distill.sample_pool(PoolJob(model=str(teacher_path), codes_train=codes_train, rollout=rollout, seed=4,
-                                out_dir=str(tmp_path / "tpool"), batch_size=40))
-    distill.sample_pool(PoolJob(model=str(init_path), codes_train=codes_train, rollout=rollout, seed=4,
-                                out_dir=str(tmp_path / "spool"), logits=False, batch_size=40))
+    sample_pool(PoolJob(model=str(teacher_path), codes_train=codes_train, rollout=rollout, seed=4,
+                        out_dir=str(tmp_path / "tpool"), batch_size=40))
+    sample_pool(PoolJob(model=str(init_path), codes_train=codes_train, rollout=rollout, seed=4,
+                        out_dir=str(tmp_path / "spool"), logits=False, batch_size=40))
     assert not (tmp_path / "spool" / "logits.npy").exists()
     init, spool, tpool = load_gpt(init_path), load_code_set(tmp_path / "spool"), load_code_set(tmp_path / "tpool")
     # the init's samples with the method's settings, the pool's seeded generator; the same labels as the teacher pool
@@ -398,11 +401,11 @@ def test_student_pool_is_read_for_student_terms_and_scored_by_the_live_teacher(c
                           rollout=RolloutConfig(temperature=0.8, top_p=0.95, null_fraction=0.3, teacher_pool=True,
                                                 student_pool=True))
     with pytest.raises(ValueError, match="TrainJob.student_pool is unset"):
-        distill.train_gpt(job(codes, tmp_path / "bad", method="distillm2", kd=method, teacher=str(teacher_path),
-                              teacher_pool=str(tmp_path / "tpool")))
-    run = distill.train_gpt(job(codes, tmp_path / "d2", method="distillm2", kd=method, steps=4,
-                                teacher=str(teacher_path), teacher_pool=str(tmp_path / "tpool"),
-                                student_pool=str(tmp_path / "spool"), init=str(init_path)))
+        train_gpt(job(codes, tmp_path / "bad", method="distillm2", kd=method, teacher=str(teacher_path),
+                      teacher_pool=str(tmp_path / "tpool")))
+    run = train_gpt(job(codes, tmp_path / "d2", method="distillm2", kd=method, steps=4,
+                        teacher=str(teacher_path), teacher_pool=str(tmp_path / "tpool"),
+                        student_pool=str(tmp_path / "spool"), init=str(init_path)))
     train = torch.load(run, weights_only=True)["train"]
     assert train["rollouts"] == 0 and train["teacher_forwards"] == 4  # the student pool's batches, scored live
 

@@ -13,6 +13,9 @@ from varkd.checkpoints import load_gpt, save_model
 from varkd.config import ConfigError, OptimConfig, TeacherLogitsJob
 from varkd.loop import BatchOrder, Interrupted, lr_at, train
 from varkd.models.gpt import GPT, GPTConfig
+from varkd.steps.teacher import cache_teacher_logits
+from varkd.steps.train import train_gpt
+import varkd.steps.train
 
 from tests.helpers import DETERMINISTIC, TINY, job
 
@@ -35,7 +38,7 @@ def test_batch_order_is_a_permutation_per_epoch_and_deterministic():
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, monkeypatch):
-    straight = distill.train_gpt(job(codes, tmp_path / "a"))
+    straight = train_gpt(job(codes, tmp_path / "a"))
 
     real_drop, calls = sources.drop_labels, {"n": 0}
 
@@ -47,10 +50,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, mon
 
     monkeypatch.setattr(sources, "drop_labels", killed_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        distill.train_gpt(job(codes, tmp_path / "b"))
+        train_gpt(job(codes, tmp_path / "b"))
     assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "student.pt").exists()
     monkeypatch.setattr(sources, "drop_labels", real_drop)
-    resumed = distill.train_gpt(job(codes, tmp_path / "b"))
+    resumed = train_gpt(job(codes, tmp_path / "b"))
 
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     for key in a["model"]:
@@ -63,7 +66,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(codes, tmp_path, mon
 
 def test_sigterm_checkpoints_the_finished_step_and_a_rerun_resumes_exactly(codes, tmp_path, monkeypatch):
     """What a SLURM time limit or preemption does to a training job: SIGTERM, then a requeued rerun."""
-    straight = distill.train_gpt(job(codes, tmp_path / "a"))
+    straight = train_gpt(job(codes, tmp_path / "a"))
     handler = signal.getsignal(signal.SIGTERM)
     real_drop, calls = sources.drop_labels, {"n": 0}
 
@@ -75,11 +78,11 @@ def test_sigterm_checkpoints_the_finished_step_and_a_rerun_resumes_exactly(codes
 
     monkeypatch.setattr(sources, "drop_labels", sigterm_in_step_6)
     with pytest.raises(Interrupted, match="step 6 of 12"):
-        distill.train_gpt(job(codes, tmp_path / "b"))
+        train_gpt(job(codes, tmp_path / "b"))
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6  # not 4: no step lost
     monkeypatch.setattr(sources, "drop_labels", real_drop)
-    resumed = distill.train_gpt(job(codes, tmp_path / "b"))
+    resumed = train_gpt(job(codes, tmp_path / "b"))
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -88,27 +91,27 @@ def test_sigterm_checkpoints_the_finished_step_and_a_rerun_resumes_exactly(codes
 def test_a_run_killed_before_writing_its_weights_resumes_to_the_same_file(codes, tmp_path, monkeypatch):
     """Killed after the last step's checkpoint, before the final weights are written: the rerun resumes at the end
     and writes the same weights and training summary (its last-step losses come from the checkpoint)."""
-    straight = torch.load(distill.train_gpt(job(codes, tmp_path / "a")), weights_only=True)
-    real_save = distill.save_model
+    straight = torch.load(train_gpt(job(codes, tmp_path / "a")), weights_only=True)
+    real_save = varkd.steps.train.save_model
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill, "save_model", killed)
+    monkeypatch.setattr(varkd.steps.train, "save_model", killed)
     with pytest.raises(KeyboardInterrupt):
-        distill.train_gpt(job(codes, tmp_path / "b"))
-    monkeypatch.setattr(distill, "save_model", real_save)
-    resumed = torch.load(distill.train_gpt(job(codes, tmp_path / "b")), weights_only=True)
+        train_gpt(job(codes, tmp_path / "b"))
+    monkeypatch.setattr(varkd.steps.train, "save_model", real_save)
+    resumed = torch.load(train_gpt(job(codes, tmp_path / "b")), weights_only=True)
     assert resumed["train"] == straight["train"] and "final_ground_truth_ce" in resumed["train"]
     for key in straight["model"]:
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
 
 
 def test_checkpoint_of_another_config_is_not_resumed(codes, tmp_path, capsys):
-    distill.train_gpt(job(codes, tmp_path / "run", steps=4))
+    train_gpt(job(codes, tmp_path / "run", steps=4))
     (tmp_path / "run" / "student.pt").unlink()
     torch.save({"run_id": "other", "step": 3}, tmp_path / "run" / "checkpoint.pt")
-    distill.train_gpt(job(codes, tmp_path / "run", steps=4))
+    train_gpt(job(codes, tmp_path / "run", steps=4))
     assert "ignoring" in capsys.readouterr().out
 
 
@@ -133,9 +136,9 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
     teacher_job = job(codes, tmp_path / "teacher", steps=30, checkpoint_name="teacher.pt")
-    teacher_path = distill.train_gpt(teacher_job)
-    distill.cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=teacher_job.codes_train,
-                                                  out=str(tmp_path / "logits.npy")))
+    teacher_path = train_gpt(teacher_job)
+    cache_teacher_logits(TeacherLogitsJob(teacher=str(teacher_path), codes_train=teacher_job.codes_train,
+                                          out=str(tmp_path / "logits.npy")))
     cache = np.load(tmp_path / "logits.npy")
     teacher = load_gpt(teacher_path)
     train_set = load_code_set(teacher_job.codes_train)
@@ -154,8 +157,8 @@ def test_fkl_student_learns_from_cached_teacher_logits(codes, tmp_path):
     assert torch.equal(got[1], torch.from_numpy(cache[2, 0, 1]))
     assert torch.equal(got[0], torch.from_numpy(cache[7, 0, 0]))
 
-    student = distill.train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
-                                    teacher_logits=str(tmp_path / "logits.npy")))
+    student = train_gpt(job(codes, tmp_path / "fkl", method="fkl", steps=30,
+                            teacher_logits=str(tmp_path / "logits.npy")))
     log = list(csv.DictReader(open(tmp_path / "fkl" / "train_log.csv")))
     assert float(log[-1]["ground_truth_fkl"]) < 0.7 * float(log[0]["ground_truth_fkl"])
     assert log[-1]["teacher_forwards"] == "0"  # every target came from the cache
@@ -166,7 +169,7 @@ def test_mismatched_vocabulary_fails_before_training(codes, tmp_path):
     bad = job(codes, tmp_path / "x")
     bad.model = GPTConfig(**{**TINY, "vocab_size": 8})
     with pytest.raises(ValueError, match="vocab_size=8"):
-        distill.train_gpt(bad)
+        train_gpt(bad)
     assert not (tmp_path / "x" / "train_log.csv").exists()
 
 
@@ -197,20 +200,20 @@ def test_corrupt_checkpoint_is_named(tmp_path):
 
 
 def test_run_starts_from_the_init_checkpoint(codes, tmp_path):
-    init = distill.train_gpt(job(codes, tmp_path / "init", steps=4))
-    tuned = distill.train_gpt(job(codes, tmp_path / "tuned", steps=1, init=str(init),
-                                  optim=OptimConfig(steps=1, batch_size=8, lr=1e-9, warmup_steps=0,
-                                                    precision="fp32")))
+    init = train_gpt(job(codes, tmp_path / "init", steps=4))
+    tuned = train_gpt(job(codes, tmp_path / "tuned", steps=1, init=str(init),
+                          optim=OptimConfig(steps=1, batch_size=8, lr=1e-9, warmup_steps=0,
+                                            precision="fp32")))
     start, end = load_gpt(init).state_dict(), load_gpt(tuned).state_dict()
     for key in start:  # one step at lr 1e-9: the run began at the init's weights
         torch.testing.assert_close(end[key], start[key], atol=1e-6, rtol=0), key
-    wide = distill.train_gpt(job(codes, tmp_path / "wide", steps=1, model=GPTConfig(**{**TINY, "dim": 64})))
+    wide = train_gpt(job(codes, tmp_path / "wide", steps=1, model=GPTConfig(**{**TINY, "dim": 64})))
     with pytest.raises(ValueError, match="student init .*wide.* has config"):
-        distill.train_gpt(job(codes, tmp_path / "bad", steps=1, init=str(wide)))
+        train_gpt(job(codes, tmp_path / "bad", steps=1, init=str(wide)))
 
 
 def test_bf16_runs_freeze_the_teacher_in_bf16_with_bf16_logits(codes, tmp_path):
-    path = distill.train_gpt(job(codes, tmp_path / "teacher", steps=4, checkpoint_name="teacher.pt"))
+    path = train_gpt(job(codes, tmp_path / "teacher", steps=4, checkpoint_name="teacher.pt"))
     fp32 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "fp32")
     bf16 = distill.load_teacher(str(path), GPTConfig(**TINY), torch.device("cpu"), "bf16")
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
@@ -234,11 +237,11 @@ def test_whole_batch_trainers_refuse_grad_accumulation(tmp_path):
 def test_compiled_student_trains_like_the_plain_one_and_checkpoints_plain_keys(codes, tmp_path):
     """torch.compile of the training forward (inductor on the CPU: ~40 s to compile the tiny GPT here)."""
     model = GPTConfig(**DETERMINISTIC)  # inductor draws dropout masks its own way
-    plain = distill.train_gpt(job(codes, tmp_path / "plain", steps=3, model=model))
-    compiled = distill.train_gpt(job(codes, tmp_path / "compiled", steps=3, model=model,
-                                     optim=OptimConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=2,
-                                                       checkpoint_every=2, log_every=1, precision="fp32",
-                                                       compile=True)))
+    plain = train_gpt(job(codes, tmp_path / "plain", steps=3, model=model))
+    compiled = train_gpt(job(codes, tmp_path / "compiled", steps=3, model=model,
+                             optim=OptimConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=2,
+                                               checkpoint_every=2, log_every=1, precision="fp32",
+                                               compile=True)))
     a, b = torch.load(plain, weights_only=True)["model"], torch.load(compiled, weights_only=True)["model"]
     assert list(b) == list(a)  # no _orig_mod. prefix
     for key in a:

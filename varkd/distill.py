@@ -1,32 +1,25 @@
-"""GPT training on VQ codes: the teacher (CE) and every student method, driven by the method config.
-
-The method is data: a sum of terms, each a divergence (`varkd.losses`) on sequences from a data source
-(`varkd.sources`). Teacher and student always see the same class label, null or not (docs/distillation.md section 9):
-labels are dropped once, when the batch is drawn, before either model runs.
+"""Distillation's pieces for GPT training on VQ codes: codes checked against a model, the frozen teacher and its
+logits (cached or live), each term's loss and held-out NLL. The training step (`varkd.steps.train`) sums a method's
+terms; the other steps and the diagnostics share the checks, the teacher's logits and the NLL.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
-from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from varkd import distributed, losses
-from varkd.checkpoints import load_gpt, save_model
-from varkd.clusters import cluster_logits, load_clusters
-from varkd.codes import CodeSet, code_dtype, code_set_writer, load_code_set
-from varkd.config import PoolJob, TeacherLogitsJob, TermConfig, TrainJob, to_yaml
-from varkd.decode import Decoder, generate
-from varkd.io import atomic_memmap, atomic_save_npz, load_npy, provenance
-from varkd.loop import BatchOrder, Part, autocast, rank_parts, train, training_module
+from varkd import losses
+from varkd.checkpoints import load_gpt
+from varkd.clusters import cluster_logits
+from varkd.codes import CodeSet
+from varkd.config import TermConfig
+from varkd.io import load_npy
+from varkd.loop import autocast
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sources import Batch, StepData
+from varkd.sources import Batch
 from varkd.weighting import token_weights, weighted_mean
-
 
 def check_codes(codes: CodeSet, model: GPT, allow_null: bool = False) -> None:
     """Fail before any compute if the codes do not fit the model (vocabulary, grid, classes)."""
@@ -180,155 +173,3 @@ def load_teacher(path: str, student: GPTConfig, device: torch.device, precision:
             raise ValueError(f"teacher {path} has {key}={getattr(teacher.config, key)}, the student "
                              f"{getattr(student, key)}")
     return teacher
-
-
-def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path:
-    """Train `job.model` under the method `job.kd` and write `out_dir/checkpoint_name` (rank 0 of a DDP run)."""
-    rank_parts(job.optim, distributed.world_size(), distributed.rank())  # fail before loading anything
-    torch.manual_seed(job.seed)
-    codes, val_codes = load_code_set(job.codes_train), load_code_set(job.codes_val)
-    model = GPT(job.model).to(device)
-    if job.init:  # a resumed run then loads its own checkpoint over these weights
-        init = load_gpt(job.init, "student init checkpoint")
-        if init.config != model.config:
-            raise ValueError(f"student init {job.init} has config {init.config}, the run's model {model.config}")
-        model.load_state_dict(init.state_dict())
-    check_codes(codes, model)
-    check_codes(val_codes, model)
-    kd = job.kd
-    teacher = load_teacher(job.teacher, job.model, device, job.optim.precision) if job.teacher else None
-    if kd.needs_live_teacher and teacher is None:
-        raise ValueError(f"method {job.method!r} samples from or scores with the teacher: TrainJob.teacher is unset")
-    if kd.uses_cached_logits and job.teacher_logits is None and teacher is None:
-        raise ValueError(f"method {job.method!r} distils on ground truth: give teacher_logits or teacher")
-
-    def validation() -> float:
-        return heldout_nll(model, val_codes, device=device)
-
-    def load_pool(path: Optional[str], role: str) -> CodeSet:
-        if path is None:
-            raise ValueError(f"method {job.method!r} sets rollout.{role}_pool: TrainJob.{role}_pool is unset")
-        pool = load_code_set(path)
-        if pool.N != codes.N:
-            raise ValueError(f"{pool.source} has {pool.N} sequences, the training set {codes.N}")
-        check_codes(pool, model, allow_null=True)
-        return pool
-
-    pool = load_pool(job.teacher_pool, "teacher") if kd.uses_teacher_pool else None
-    if pool is not None:
-        scored = any(t.data == "teacher" and t.uses_teacher_logits for t in kd.terms)
-        if scored and not job.pool_logits and teacher is None:
-            raise ValueError(f"method {job.method!r} distils on the teacher pool {job.teacher_pool} without its "
-                             "logits (pool_logits: false), so the teacher scores it live: TrainJob.teacher is unset")
-    student_pool = load_pool(job.student_pool, "student") if kd.uses_student_pool else None
-
-    data = StepData(kd, codes, BatchOrder(codes.N, job.optim.batch_size, job.seed), student=model, teacher=teacher,
-                    seed=job.seed, total_steps=job.optim.steps, validation=validation, device=device,
-                    teacher_pool=pool, student_pool=student_pool)
-    pool_logits = f"{job.teacher_pool}/logits.npy" if pool is not None and job.pool_logits else None
-    caches = {"ground_truth": job.teacher_logits, "teacher_pool": pool_logits}
-    targets = TeacherTargets(teacher, caches, codes, job.model.num_classes, data.counts, job.optim.compile)
-    clusters = None
-    if kd.uses_clusters:
-        if job.clusters is None:
-            raise ValueError(f"method {job.method!r} distils in cluster space: TrainJob.clusters is unset")
-        clusters = (load_clusters(job.clusters, job.model.vocab_size, kd.clusters).to(device), kd.clusters)
-    names = [f"{t.data}_{t.divergence}" for t in kd.terms]
-    names = [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-    student = training_module(model, job.optim, device)  # rollouts and validation use the plain model
-
-    def loss_fn(step: int, part: Part):
-        total, logs = 0.0, {}
-        for i, term in enumerate(kd.terms):
-            batch = data(i, step, part)
-            x, y = batch.codes.to(device), batch.labels.to(device)
-            target = targets(batch, x, y) if term.uses_teacher_logits else None
-            if job.optim.loss_chunk:
-                value = chunked_term_loss(term, student(x[:, :-1], y, head=False), model.output, x, target,
-                                          kd.temperature, clusters, job.optim.loss_chunk)
-            else:
-                value = term_loss(term, student(x[:, :-1], y), x, target, kd.temperature, clusters)
-            data.counts["student_forwards"] += 1
-            total = total + term.weight * value
-            logs[names[i]] = value.detach()  # read by the loop once per step, not here (a host sync per term)
-        return total, {**logs, **data.counts, **data.logs(step)}
-
-    summary = train(student, loss_fn, job.optim, job.out_dir, config_text=to_yaml(job),
-                    eval_fn=lambda: {"val_nll": validation()}, state=data, device=device,
-                    desc=f"{job.backbone}/{job.method}/seed{job.seed}", split_batches=True)
-    summary.update(distributed.combine(dict(data.counts), device))
-    out = Path(job.out_dir) / job.checkpoint_name
-    if distributed.rank() == 0:
-        save_model(out, model, job.model, train=summary, job=asdict(job), provenance=provenance(device.type))
-        (Path(job.out_dir) / "checkpoint.pt").unlink(missing_ok=True)
-    return out
-
-
-@torch.no_grad()
-def cache_teacher_logits(job: TeacherLogitsJob, device: torch.device = torch.device("cpu")) -> None:
-    """Teacher logits on every view of every training sequence, for its class and for the null class:
-    [N, A, 2, T, V] float16.
-
-    Ground-truth KD sees the same sequences every epoch, so the teacher runs once per backbone instead of once
-    per student step (the dominant cost of FKL at the embedded scale).
-    """
-    codes = load_code_set(job.codes_train)
-    teacher = load_gpt(job.teacher, "teacher checkpoint").to(device)
-    check_codes(codes, teacher)
-    cfg = teacher.config
-    with atomic_memmap(job.out, (codes.N, codes.A, 2, cfg.block_size, cfg.vocab_size), np.float16) as out:
-        for i in range(0, codes.N, job.batch_size):
-            rows = np.arange(i, min(i + job.batch_size, codes.N))
-            y = codes.labels[rows].to(device)
-            for view in range(codes.A):
-                x = codes.batch(rows, np.full(len(rows), view)).to(device)
-                for slot, cond in enumerate((y, torch.full_like(y, cfg.num_classes))):
-                    logits = teacher_logits(teacher, x, cond).half().cpu().numpy()
-                    out[i : i + len(rows), view, slot] = logits
-
-
-@torch.no_grad()
-def sample_pool(job: PoolJob, device: torch.device = torch.device("cpu")) -> None:
-    """One sample of `job.model` per training label (null with probability null_fraction): a code set [N, 1, T],
-    and with `job.logits` the model's logits on it, logits.npy [N, T, V] float16 (a teacher pool's KD targets).
-
-    Shared by every run whose method trains on that model's samples with these rollout settings: a teacher pool
-    across students and seeds, a student-init pool across seeds. logits.npy is written before the code set, so a
-    complete-looking pool always has its logits. With num_shards > 1 (ImageNet: 1.28M samples) this job draws
-    shard `job.shard` of the labels into out_dir/shards/shard<i>.npz, which gather-codes joins into the code set.
-    """
-    model = load_gpt(job.model, "pool model checkpoint").to(device)
-    cfg, r = model.config, job.rollout
-    train_set = load_code_set(job.codes_train)
-    check_codes(train_set, model)
-    rng = np.random.default_rng(job.seed)
-    labels = train_set.labels.clone()
-    labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = cfg.num_classes
-    out_dir = Path(job.out_dir)
-    if job.num_shards > 1:  # one contiguous slice of the labels (np.array_split), with its own seeded stream
-        labels = torch.from_numpy(np.array_split(labels.numpy(), job.num_shards)[job.shard])
-        seed = int(np.random.SeedSequence([job.seed, job.shard]).generate_state(1, np.uint64)[0])
-        codes = np.empty((len(labels), 1, cfg.block_size), dtype=code_dtype(cfg.vocab_size))
-        for i, x, _ in _pool_samples(model, labels, job, seed, device):
-            codes[i : i + len(x), 0] = x.cpu().numpy()
-        atomic_save_npz(out_dir / "shards" / f"shard{job.shard}.npz", codes=codes, labels=labels.numpy())
-        return
-    with ExitStack() as files:  # closed in reverse: logits.npy lands before the code set
-        codes = files.enter_context(code_set_writer(out_dir, labels.numpy(), 1, cfg.block_size,
-                                                    code_dtype(cfg.vocab_size)))
-        shape = (len(labels), cfg.block_size, cfg.vocab_size)
-        logits = files.enter_context(atomic_memmap(out_dir / "logits.npy", shape, np.float16)) if job.logits else None
-        for i, x, y in _pool_samples(model, labels, job, job.seed, device):
-            codes[i : i + len(x), 0] = x.cpu().numpy()
-            if logits is not None:
-                logits[i : i + len(x)] = teacher_logits(model, x, y).half().cpu().numpy()
-
-
-def _pool_samples(model: GPT, labels: torch.Tensor, job: PoolJob, seed: int, device: torch.device):
-    """The model's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
-    r, generator, decoder = job.rollout, torch.Generator(device).manual_seed(seed), Decoder(model)
-    for i in range(0, len(labels), job.batch_size):
-        y = labels[i : i + job.batch_size].to(device)
-        yield i, generate(decoder, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, generator=generator), y
