@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from varkd.checkpoints import save_model
-from varkd.clusters import (balanced_kmeans, cluster_codebook, cluster_logits, load_clusters, spectral_clusters,
-                            teacher_cooccurrence)
+from varkd.clusters import balanced_kmeans, cluster_logits, load_clusters, spectral_clusters, teacher_cooccurrence
 from varkd.codes import load_code_set, save_code_set
 from varkd.config import ClusterJob, TermConfig
 from varkd.distill import teacher_logits, term_loss
 from varkd.losses import divergence, forward_kl
 from varkd.models.gpt import GPT, GPTConfig
 from varkd.models.vq import VQModel
+from varkd.steps.clusters import cluster_codebook
 from varkd.study import Study
 from tests.helpers import TINY, tiny_config
 

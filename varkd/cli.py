@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-code-shard": ("CodeShardJob", "varkd.steps.imagefolder:extract_code_shard"),
     "gather-codes": ("GatherCodesJob", "varkd.steps.imagefolder:gather_codes"),
     "train-classifier": ("ClassifierJob", "varkd.steps.data:train_classifier"),
-    "cluster-codebook": ("ClusterJob", "varkd.clusters:cluster_codebook"),
+    "cluster-codebook": ("ClusterJob", "varkd.steps.clusters:cluster_codebook"),
     "train": ("TrainJob", "varkd.steps.train:train_gpt"),
     "cache-teacher-logits": ("TeacherLogitsJob", "varkd.steps.teacher:cache_teacher_logits"),
     "sample-pool": ("PoolJob", "varkd.steps.teacher:sample_pool"),
