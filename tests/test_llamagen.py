@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varkd.checkpoints import import_tokenizer, load_gpt, load_llamagen_gpt, load_llamagen_vq, load_vq
+from varkd.checkpoints import load_gpt, load_llamagen_gpt, load_llamagen_vq, load_vq
 from varkd.cli import main
 from varkd.config import ImportGPTJob, ImportTokenizerJob, OptimConfig, TermConfig, to_yaml
 from varkd.decode import generate
@@ -20,6 +20,7 @@ from varkd.distill import teacher_logits, term_loss
 from varkd.loop import autocast, make_optimizer
 from varkd.models.gpt import GPT, GPT_models, gpt_config
 from varkd.models.vq import VQConfig, VQModel, vq_config
+from varkd.steps.llamagen import import_tokenizer
 
 from tests.helpers import KEYS_FILE, parse_shapes, random_state, save, section, vq16_shapes
 

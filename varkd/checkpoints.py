@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from varkd.config import ImportGPTJob, ImportTokenizerJob, structured
+from varkd.config import structured
 from varkd.io import atomic_torch_save, load_checkpoint
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -159,18 +159,3 @@ def load_llamagen_vq(path: str | Path, name: str = "VQ-16"):
         model = VQModel(config)
     load_state_strict(model, state, f"{what} {path}", assign=True)
     return model.eval()
-
-
-def import_gpt(job: ImportGPTJob, device: torch.device) -> None:
-    """`varkd import-gpt`: a released c2i file, loaded strictly, rewritten with its config as a varkd checkpoint
-    (teacher.pt or student_init/student.pt), so every later job loads it like a model the workflow trained."""
-    model = load_llamagen_gpt(job.path, job.size, job.image_size)
-    save_model(job.out, model, model.config, imported_from=str(job.path))
-    print(f"{job.out}: {job.size} at {job.image_size}px from {job.path}")
-
-
-def import_tokenizer(job: ImportTokenizerJob, device: torch.device) -> None:
-    """`varkd import-tokenizer`: the released tokenizer rewritten as a varkd tokenizer checkpoint."""
-    model = load_llamagen_vq(job.path, job.name)
-    save_model(job.out, model, model.config, imported_from=str(job.path))
-    print(f"{job.out}: {job.name} from {job.path}")
