@@ -14,8 +14,9 @@ from varkd import cli, tables
 from varkd.checkpoints import load_gpt, save_model
 from varkd.codes import load_code_set, save_code_set
 from varkd.config import ConfigError, DiagnoseConfig, DiagnoseJob, load_job, to_yaml
-from varkd.diagnostics import COLUMNS, CONTEXTS, QUANTITIES, context_batches, diagnose, per_position, sequence_rows
+from varkd.diagnostics import COLUMNS, CONTEXTS, QUANTITIES, context_batches, per_position, sequence_rows
 from varkd.models.gpt import GPT, GPTConfig
+from varkd.steps.diagnose import diagnose
 from varkd.study import Study
 
 SEED = 5

@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "real-features": ("RealFeaturesJob", "varkd.steps.evaluate:real_features"),
     "evaluate": ("EvaluateJob", "varkd.steps.evaluate:evaluate"),
     "noise-floor": ("NoiseFloorJob", "varkd.steps.evaluate:noise_floor"),
-    "diagnose": ("DiagnoseJob", "varkd.diagnostics:diagnose"),
+    "diagnose": ("DiagnoseJob", "varkd.steps.diagnose:diagnose"),
 }
 
 

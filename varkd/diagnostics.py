@@ -16,19 +16,16 @@ so both contexts are class-matched). Each is averaged over the sequences per pos
 """
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from varkd.checkpoints import load_gpt
-from varkd.codes import CodeSet, load_code_set
-from varkd.config import DiagnoseConfig, DiagnoseJob
+from varkd.codes import CodeSet
+from varkd.config import DiagnoseConfig
 from varkd.decode import Decoder, generate
-from varkd.distill import check_codes, load_teacher, teacher_logits
-from varkd.io import atomic_path
+from varkd.distill import teacher_logits
 from varkd.losses import kl, log_probs
 from varkd.models.gpt import GPT
 from varkd.weighting import teacher_entropy
@@ -97,32 +94,3 @@ def per_position(values: dict[str, dict[str, np.ndarray]], identity: dict) -> pd
     for i, key in enumerate(IDENTITY):
         frame.insert(i, key, identity[key])
     return frame[COLUMNS]
-
-
-def diagnose(job: DiagnoseJob, device: torch.device = torch.device("cpu")) -> pd.DataFrame:
-    """Write job.out (diagnostics.csv, long form: COLUMNS) and return it. Inputs are checked before any compute;
-    memory holds one batch of logits and [n, T] values per quantity, never [n, T, V]."""
-    cfg = job.diagnose
-    student = load_gpt(job.student, "student checkpoint").to(device)
-    try:
-        teacher = load_teacher(job.teacher, student.config, device, cfg.teacher_precision)
-    except ValueError as err:
-        raise ValueError(f"{err} (student checkpoint {job.student})") from None
-    codes = load_code_set(job.codes_val)
-    check_codes(codes, student)
-    start = time.perf_counter()
-    batches = {context: {q: [] for q in QUANTITIES} for context in CONTEXTS}
-    for labels, contexts in context_batches(codes, student, cfg, job.seed, device):
-        for context, sequences in contexts.items():
-            stats = position_statistics(teacher, student, sequences, labels, cfg.teacher_precision)
-            for quantity, v in stats.items():
-                batches[context][quantity].append(v.numpy())
-    values = {c: {q: np.concatenate(v) for q, v in quantities.items()} for c, quantities in batches.items()}
-    frame = per_position(values, job.identity)
-    with atomic_path(job.out, suffix=".csv") as tmp:
-        frame.to_csv(tmp, index=False)
-    n = len(values["ground_truth"]["teacher_nll"])
-    print(f"{job.out}: {n} sequences x {len(CONTEXTS)} contexts in {time.perf_counter() - start:.1f} s")
-    means = frame.groupby(["context", "quantity"], sort=False)["mean"].mean().unstack("quantity")
-    print(means.to_string(float_format=lambda v: f"{v:.4f}"))
-    return frame
