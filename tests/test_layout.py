@@ -89,7 +89,7 @@ def varkd_imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 imported = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                # `from varkd import jobs` imports the module varkd.jobs; `from varkd.config import X` varkd.config
+                # `from varkd.steps import train` imports varkd.steps.train; `from varkd.config import X` varkd.config
                 imported = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
                             for alias in node.names]
             else:
@@ -127,6 +127,19 @@ def test_the_imports_run_downhill_with_the_cli_on_top():
     cycle = a_cycle(graph)
     assert not cycle, "an import circle: " + " -> ".join(cycle)
     assert not [m for m, imported in graph.items() if "varkd.cli" in imported], "nothing imports the CLI back"
+
+
+def test_the_steps_sit_between_the_library_and_the_cli():
+    """varkd.steps holds what each workflow job does: the CLI runs a step for every command, and no library module
+    imports a step."""
+    from varkd.cli import COMMANDS
+
+    graph = varkd_imports()
+    steps = {m for m in graph if m == "varkd.steps" or m.startswith("varkd.steps.")}
+    assert {target.split(":")[0] for _, target in COMMANDS.values()} <= steps
+    library = graph.keys() - steps - {"varkd.cli"}
+    importing = {m: sorted(graph[m] & steps) for m in sorted(library) if graph[m] & steps}
+    assert not importing, f"library modules import steps: {importing}"
 
 
 def test_the_cycle_finder_finds_a_circle():
