@@ -1,4 +1,9 @@
-"""varkd: knowledge distillation for visual autoregressive image models (the VarKD study as a Snakemake workflow)."""
+"""varkd: knowledge distillation for visual autoregressive image models (the VarKD study as a Snakemake workflow).
+
+Three layers, each importing only the ones below it: the library modules (models/, losses, decode, loop, metrics,
+features, data, codes, config, study, ...); varkd.steps, what each workflow job does (one function per command);
+varkd.cli on top, mapping `varkd <command> job.yaml` to its step.
+"""
 import os
 
 # Checkpoints are pickles, and a pickle runs code when it is loaded. varkd loads its own files with

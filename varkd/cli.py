@@ -16,7 +16,7 @@ from typing import Callable
 
 from varkd.figures import FIGURES, SWEEPS
 
-# command -> (its job config class in varkd.config, the function running the job). Named, not imported: the
+# command -> (its job config class in varkd.config, the step running the job). Named, not imported: the
 # modules import torch (seconds), which `varkd --help` and a mistyped command line do not need.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("PrepareDataJob", "varkd.steps.data:prepare_data"),
