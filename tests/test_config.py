@@ -425,15 +425,11 @@ def test_config_checks_selectors_and_scores_against_the_list_weighting_computes(
     """The selectors and scores a config accepts are varkd.selection's, the names varkd.weighting computes."""
     assert config.SELECTORS is selection.SELECTORS and config.REWEIGHTS is selection.REWEIGHTS
     assert config.SPACES is selection.SPACES and config.NORMALIZATIONS is selection.NORMALIZATIONS
-    for space in selection.SPACES:
-        assert WeightingConfig(space=space).space == space
-    for normalize in selection.NORMALIZATIONS:
-        assert WeightingConfig(normalize=normalize).normalize == normalize
-    for selector in selection.SELECTORS:
-        assert WeightingConfig(selector=selector).selector == selector
-    for reweight in selection.REWEIGHTS:
-        assert WeightingConfig(reweight=reweight).reweight == reweight
-    with pytest.raises(ConfigError, match="weighting.selector"):
-        WeightingConfig(selector="margin")
-    with pytest.raises(ConfigError, match="weighting.reweight"):
-        WeightingConfig(reweight="margin")
+    names = {"space": selection.SPACES, "normalize": selection.NORMALIZATIONS, "selector": selection.SELECTORS,
+             "reweight": selection.REWEIGHTS}
+    for field, values in names.items():
+        for value in values:
+            assert getattr(WeightingConfig(**{field: value}), field) == value
+    for field in ("selector", "reweight"):
+        with pytest.raises(ConfigError, match=f"weighting.{field}"):
+            WeightingConfig(**{field: "margin"})
