@@ -33,6 +33,7 @@ import torch
 
 from paper_scale import build, common_args, free_memory, guarded, kd_flops, model_config, peak_gib, reset_peak, sync, timed
 from varkd.decode import Decoder, generate
+from varkd.sampling import Sampling
 from varkd.sjd import generate_sjd
 
 REFERENCE_COMPILED_H100 = 342.6  # img/s, LlamaGen's compiled sampler, GPT-B, batch 256, CFG 2 (issue 17, H100)
@@ -100,13 +101,13 @@ def rollout_variant(args, model, variant: str, device: torch.device, greedy_ref)
         run, greedy = (lambda: ref(labels, args.cfg_scale)), (lambda: ref(labels, args.cfg_scale, greedy=True))
     else:
         decoder = Decoder(model, torch.bfloat16, compile="compiled" in variant)
+        sampled, argmax = Sampling(cfg_scale=args.cfg_scale), Sampling(cfg_scale=args.cfg_scale, temperature=0.0)
         if variant.startswith("sjd"):
-            run = lambda: generate_sjd(decoder, labels, cfg_scale=args.cfg_scale, window=args.window)  # noqa: E731
-            greedy = lambda: generate_sjd(decoder, labels, cfg_scale=args.cfg_scale, window=args.window,  # noqa: E731
-                                          temperature=0.0)[0]
+            run = lambda: generate_sjd(decoder, labels, sampled, window=args.window)  # noqa: E731
+            greedy = lambda: generate_sjd(decoder, labels, argmax, window=args.window)[0]  # noqa: E731
         else:
-            run = lambda: generate(decoder, labels, cfg_scale=args.cfg_scale)  # noqa: E731
-            greedy = lambda: generate(decoder, labels, cfg_scale=args.cfg_scale, temperature=0.0)  # noqa: E731
+            run = lambda: generate(decoder, labels, sampled)  # noqa: E731
+            greedy = lambda: generate(decoder, labels, argmax)  # noqa: E731
     reset_peak(device)
     first = timed(run, device)
     times = [timed(run, device) for _ in range(repeats)]

@@ -45,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from varkd import losses
 from varkd.decode import decoding_labels, generate
 from varkd.models.gpt import GPT, GPTConfig, gpt_config
-from varkd.sampling import cfg_logits, sample
+from varkd.sampling import Sampling, cfg_logits, sample
 
 SMOKE_SHARED = dict(vocab_size=512, num_classes=10, block_size=16, multiple_of=32)
 SMOKE_MODELS = {  # stand-ins for the registry sizes under --smoke
@@ -357,7 +357,7 @@ def rollout_cached(args, model: GPT, device: torch.device) -> dict:
 
     def run(batch):
         labels = torch.randint(model.config.num_classes, (batch,), device=device)
-        go = lambda: generate(model, labels, cfg_scale=args.cfg_scale)  # noqa: E731
+        go = lambda: generate(model, labels, Sampling(cfg_scale=args.cfg_scale))  # noqa: E731
         go()  # warm-up
         return statistics.median(timed(go, device) for _ in range(args.rollout_repeats))
 
@@ -390,8 +390,8 @@ def rollout_naive(args, model: GPT, name: str, device: torch.device) -> dict:
                   f"(step 0 {points[0] * 1e3:.1f} ms, step {T - 1} {points[T - 1] * 1e3:.1f} ms)"}
     if name in args.naive_full:
         labels = torch.randint(model.config.num_classes, (batch,), device=device)
-        out["measured_batch_s"] = timed(lambda: generate(model, labels, cfg_scale=args.cfg_scale, use_cache=False),
-                                        device)
+        out["measured_batch_s"] = timed(
+            lambda: generate(model, labels, Sampling(cfg_scale=args.cfg_scale), use_cache=False), device)
         out["how"] += f"; full run measured: {out['measured_batch_s']:.2f} s"
     out["peak_gib"] = peak_gib(device)
     return out

@@ -21,7 +21,7 @@ import torch
 from varkd.checkpoints import load_gpt
 from varkd.decode import generate
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import cfg_logits, filter_logits
+from varkd.sampling import Sampling, cfg_logits, filter_logits
 from varkd.sjd import INITS, generate_sjd
 
 SHARED = dict(vocab_size=256, num_classes=10, block_size=64, multiple_of=32, dropout_p=0.0, token_dropout_p=0.0)
@@ -57,13 +57,13 @@ def timed(fn, device: str, repeats: int):
 
 
 @torch.no_grad()
-def entropy(model: GPT, seq: torch.Tensor, labels: torch.Tensor, sampling: dict) -> float:
+def entropy(model: GPT, seq: torch.Tensor, labels: torch.Tensor, sampling: Sampling) -> float:
     """Mean entropy (nats) of the sampler's next-token distributions along the given sequences."""
     logits = model(seq[:, :-1], labels)
-    if sampling["cfg_scale"] != 1.0:
+    if sampling.guided:
         logits = cfg_logits(logits, model(seq[:, :-1], torch.full_like(labels, model.config.num_classes)),
-                            sampling["cfg_scale"])
-    logp = filter_logits(logits, sampling["temperature"], sampling["top_k"]).log_softmax(-1)
+                            sampling.cfg_scale)
+    logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(-1)
     return -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1).mean().item()
 
 
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--output-scale", type=float, default=4.0, help="logit std of a random-initialised model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sampling = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k)
+    sampling = Sampling(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, {sampling}, "
           f"median of {args.repeats} after a warm-up")
     header = f"{'model':<8} {'source':<10} {'H':>5} {'method':<6} {'window':>6} {'init':<15} {'s/batch':>8} " \
@@ -95,13 +95,13 @@ def main():
         labels = torch.arange(args.batch, device=args.device) % model.config.num_classes
         T = model.config.block_size
         g = torch.Generator(args.device).manual_seed(0)
-        ar_time, seq = timed(lambda: generate(model, labels, generator=g, **sampling), args.device, args.repeats)
+        ar_time, seq = timed(lambda: generate(model, labels, sampling, generator=g), args.device, args.repeats)
         h = entropy(model, seq, labels, sampling)
         print(f"{name:<8} {source:<10} {h:5.2f} {'AR':<6} {'-':>6} {'-':<15} {ar_time:8.3f} {T:7.1f} {T:5d} {1:6.2f}")
         for window in WINDOWS:
             for init in INITS:
-                t, (_, stats) = timed(lambda: generate_sjd(model, labels, window=window, init=init, generator=g,
-                                                           **sampling), args.device, args.repeats)
+                t, (_, stats) = timed(lambda: generate_sjd(model, labels, sampling, window=window, init=init,
+                                                           generator=g), args.device, args.repeats)
                 print(f"{name:<8} {source:<10} {h:5.2f} {'SJD':<6} {window:6d} {init:<15} {t:8.3f} "
                       f"{stats['forward_passes_per_image']:7.1f} {stats['iterations']:5d} {t / ar_time:6.2f}")
 

@@ -8,8 +8,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from varkd import cli, config, losses, schedules, selection, sjd
-from varkd.config import (AdaptiveConfig, ConfigError, MethodConfig, RolloutConfig, TermConfig, TrainJob,
-                          WeightingConfig, load_job, structured, to_yaml)
+from varkd.config import (AdaptiveConfig, ConfigError, DiagnoseConfig, MethodConfig, RolloutConfig, SampleConfig,
+                          SampleJob, TermConfig, TrainJob, WeightingConfig, load_job, structured, to_yaml)
+from varkd.sampling import Sampling
 from varkd.study import Study
 from tests.helpers import REPO
 
@@ -338,6 +339,26 @@ def test_hard_label_terms_take_no_weighting():
         TermConfig(divergence="ce", cluster_weight=0.5)
     with pytest.raises(ConfigError, match="weighting.selector='sometimes'"):
         TermConfig(weighting=WeightingConfig(selector="sometimes"))
+
+
+def test_sampling_sections_check_their_four_fields_in_one_place_and_hand_them_on_whole(tmp_path):
+    """sample, rollout and diagnose carry cfg_scale / temperature / top_k / top_p at their own keys; `sampling`
+    gives them to the decoders as one Sampling, whose check names the section. Greedy decoding (temperature 0) is
+    a valid evaluation or diagnosis sampler, but not a rollout: it would draw one sequence per class."""
+    for section, schema in (("sample", SampleConfig), ("rollout", RolloutConfig), ("diagnose", DiagnoseConfig)):
+        assert schema(cfg_scale=2.0, temperature=0.5, top_k=3, top_p=0.9).sampling == Sampling(2.0, 0.5, 3, 0.9)
+        for bad in (dict(cfg_scale=0.5), dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+            with pytest.raises(ConfigError, match=f"^{section} needs cfg_scale >= 1, temperature >= 0"):
+                schema(**bad)
+    assert SampleConfig(temperature=0.0).sampling.temperature == DiagnoseConfig(temperature=0.0).temperature == 0
+    with pytest.raises(ConfigError, match="rollout needs temperature > 0: greedy"):
+        RolloutConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="needs cfg_scale >= 1.*got Sampling\\(cfg_scale=0.5"):
+        Sampling(cfg_scale=0.5)
+    # a job read back from its YAML file hands its section's settings on the same way
+    (tmp_path / "job.yaml").write_text(to_yaml(SampleJob(sample=SampleConfig(cfg_scale=1.5, top_k=7), checkpoint="c",
+                                                         tokenizer="t", out_dir="o")))
+    assert load_job(SampleJob, tmp_path / "job.yaml").sample.sampling == Sampling(cfg_scale=1.5, top_k=7)
 
 
 def test_full_embedded_study_overrides_only_the_budget(capsys):

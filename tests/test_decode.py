@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from varkd.decode import Decoder, decode_step, generate
+from varkd.sampling import Sampling
 from varkd.sjd import generate_sjd
 
 from tests.helpers import tiny_model
@@ -14,13 +15,13 @@ def gen(seed):
 
 
 SETTINGS = {
-    "greedy": dict(temperature=0.0),
-    "greedy_cfg": dict(cfg_scale=3.0, temperature=0.0),
-    "sampled": dict(),
-    "cfg_temperature": dict(cfg_scale=1.5, temperature=1.3),
-    "top_k": dict(top_k=5),
-    "top_p_cfg": dict(cfg_scale=2.0, top_p=0.8),
-    "all": dict(cfg_scale=1.5, temperature=0.7, top_k=20, top_p=0.9),
+    "greedy": Sampling(temperature=0.0),
+    "greedy_cfg": Sampling(cfg_scale=3.0, temperature=0.0),
+    "sampled": Sampling(),
+    "cfg_temperature": Sampling(cfg_scale=1.5, temperature=1.3),
+    "top_k": Sampling(top_k=5),
+    "top_p_cfg": Sampling(cfg_scale=2.0, top_p=0.8),
+    "all": Sampling(cfg_scale=1.5, temperature=0.7, top_k=20, top_p=0.9),
 }
 
 
@@ -31,8 +32,8 @@ def test_engine_gives_the_reference_samplers_tokens(case, bucket):
     prefix at every step with the same uniforms: the same tokens, greedy and seeded."""
     model = tiny_model()
     y = torch.tensor([0, 3, 9, 10, 4, 4])  # 10 = the null class
-    ref = generate(model, y, generator=gen(1), use_cache=False, **SETTINGS[case])
-    out = generate(Decoder(model, bucket=bucket), y, generator=gen(1), **SETTINGS[case])
+    ref = generate(model, y, SETTINGS[case], generator=gen(1), use_cache=False)
+    out = generate(Decoder(model, bucket=bucket), y, SETTINGS[case], generator=gen(1))
     assert len(set(ref.flatten().tolist())) > 4  # not a degenerate constant sequence
     assert torch.equal(out, ref)
 
@@ -45,19 +46,20 @@ def test_the_step_traces_whole():
     y = torch.tensor([1, 2, 3])
     decoder = Decoder(model, bucket=4)
     decoder.step = torch.compile(decode_step, fullgraph=True, backend="aot_eager")
-    for kw in (dict(temperature=0.0), dict(cfg_scale=2.0, top_k=10, top_p=0.9)):
-        assert torch.equal(generate(decoder, y, generator=gen(2), **kw), generate(model, y, generator=gen(2), **kw))
+    for sampling in (Sampling(temperature=0.0), Sampling(cfg_scale=2.0, top_k=10, top_p=0.9)):
+        assert torch.equal(generate(decoder, y, sampling, generator=gen(2)),
+                           generate(model, y, sampling, generator=gen(2)))
 
 
 @pytest.mark.parametrize("sampler", ["ar", "sjd"])
 def test_a_batch_after_another_equals_a_fresh_batch_even_on_a_poisoned_cache(sampler):
     model = tiny_model()
-    kw = dict(cfg_scale=1.5, top_k=30)
+    sampling = Sampling(cfg_scale=1.5, top_k=30)
 
     def run(decoder, y):
         if sampler == "ar":
-            return generate(decoder, y, generator=gen(5), **kw)
-        return generate_sjd(decoder, y, generator=gen(5), window=4, **kw)[0]
+            return generate(decoder, y, sampling, generator=gen(5))
+        return generate_sjd(decoder, y, sampling, generator=gen(5), window=4)[0]
 
     reused = Decoder(model)
     run(reused, torch.arange(8))  # batch A: more rows than B
@@ -99,8 +101,8 @@ def test_bf16_engine_matches_a_bf16_model_greedily():
     nearly every token: only the KV cache's summation order differs)."""
     model = tiny_model()
     y = torch.arange(10)
-    out = generate(Decoder(model, dtype=torch.bfloat16), y, temperature=0.0)
-    ref = generate(tiny_model().to(torch.bfloat16), y, temperature=0.0, use_cache=False)
+    out = generate(Decoder(model, dtype=torch.bfloat16), y, Sampling(temperature=0.0))
+    ref = generate(tiny_model().to(torch.bfloat16), y, Sampling(temperature=0.0), use_cache=False)
     assert (out == ref).float().mean() > 0.9
 
 

@@ -20,6 +20,7 @@ from varkd.distill import teacher_logits, term_loss
 from varkd.loop import autocast, make_optimizer
 from varkd.models.gpt import GPT, GPT_models, gpt_config
 from varkd.models.vq import VQConfig, VQModel, vq_config
+from varkd.sampling import Sampling
 from varkd.steps.llamagen import import_tokenizer
 
 from tests.helpers import KEYS_FILE, parse_shapes, random_state, save, section, vq16_shapes
@@ -275,7 +276,7 @@ def test_gpt_b_samples_with_kv_cache_and_cfg(gpt_b_files):
     """Two images with CFG (a batch of 4) through the KV cache. GPT-B sized, but on a 4 x 4 grid (image_size 64):
     the weights do not depend on the grid, and 256 steps would take ~30 s on one CPU thread."""
     model = load_llamagen_gpt(gpt_b_files["ddp"][0], "GPT-B", 64)
-    codes = generate(model, torch.tensor([207, 360]), cfg_scale=4.0, top_k=2000,
+    codes = generate(model, torch.tensor([207, 360]), Sampling(cfg_scale=4.0, top_k=2000),
                      generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 16) and codes.dtype == torch.long
     assert 0 <= codes.min() and codes.max() < 16384

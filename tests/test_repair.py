@@ -10,7 +10,7 @@ import torch
 from varkd import sources
 from varkd.config import MethodConfig, RolloutConfig, TermConfig
 from varkd.decode import generate
-from varkd.sampling import cfg_logits
+from varkd.sampling import Sampling, cfg_logits
 from varkd.sjd import generate_sjd
 from varkd.steps.train import train_gpt
 from tests.helpers import job, random_gpt, resume_after_kill, step_data
@@ -31,10 +31,11 @@ def test_full_prefix_is_returned_and_an_empty_one_changes_nothing(use_cache):
     prefix, _ = prefixed(rows=4)
     full = generate(model, y, prefix=prefix, prefix_len=torch.full((4,), T), use_cache=use_cache)
     assert torch.equal(full, prefix)
-    kw = dict(cfg_scale=2.0, top_k=8, use_cache=use_cache)
-    empty = generate(model, y, prefix=prefix, prefix_len=torch.zeros(4, dtype=torch.long),
-                     generator=torch.Generator().manual_seed(4), **kw)
-    assert torch.equal(empty, generate(model, y, generator=torch.Generator().manual_seed(4), **kw))
+    sampling = Sampling(cfg_scale=2.0, top_k=8)
+    empty = generate(model, y, sampling, prefix=prefix, prefix_len=torch.zeros(4, dtype=torch.long),
+                     generator=torch.Generator().manual_seed(4), use_cache=use_cache)
+    assert torch.equal(empty, generate(model, y, sampling, generator=torch.Generator().manual_seed(4),
+                                       use_cache=use_cache))
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
@@ -44,9 +45,9 @@ def test_prefilled_prefix_decodes_as_full_recomputation(cfg_scale):
     model, y = random_gpt(0), torch.tensor([0, 1, 2, 3, 0, 1])
     prefix, length = prefixed()
     forced = torch.arange(T)[None, :] < length[:, None]
-    for kw in (dict(temperature=0.0), dict(temperature=1.3, top_p=0.9)):
-        fast, slow = (generate(model, y, cfg_scale=cfg_scale, prefix=prefix, prefix_len=length, use_cache=cache,
-                               generator=torch.Generator().manual_seed(1), **kw) for cache in (True, False))
+    for sampling in (Sampling(cfg_scale, temperature=0.0), Sampling(cfg_scale, temperature=1.3, top_p=0.9)):
+        fast, slow = (generate(model, y, sampling, prefix=prefix, prefix_len=length, use_cache=cache,
+                               generator=torch.Generator().manual_seed(1)) for cache in (True, False))
         assert torch.equal(fast, slow)
         assert torch.equal(fast[forced], prefix[forced]) and not torch.equal(fast, prefix)
 
@@ -54,7 +55,7 @@ def test_prefilled_prefix_decodes_as_full_recomputation(cfg_scale):
 def test_greedy_continuation_is_the_argmax_path_after_the_prefix():
     model, y, s = random_gpt(0).eval(), torch.tensor([0, 1, 2, 3, 0, 1]), 2.0
     prefix, length = prefixed()
-    seq = generate(model, y, cfg_scale=s, temperature=0.0, prefix=prefix, prefix_len=length)
+    seq = generate(model, y, Sampling(cfg_scale=s, temperature=0.0), prefix=prefix, prefix_len=length)
     with torch.no_grad():
         guided = cfg_logits(model(seq[:, :-1], y), model(seq[:, :-1], torch.full_like(y, NULL)), s).argmax(-1)
     sampled = torch.arange(T)[None, :] >= length[:, None]
@@ -125,7 +126,7 @@ def test_greedy_repair_keeps_the_student_prefix_then_follows_the_teacher(cfg_sca
     full teacher forwards without KV cache, one position at a time."""
     student, teacher = model_pair()
     codes, y = student_samples(student)
-    repaired, first = sources.repair(student, teacher, codes, y, 0.3, cfg_scale=cfg_scale, temperature=0.0,
+    repaired, first = sources.repair(student, teacher, codes, y, 0.3, Sampling(cfg_scale=cfg_scale, temperature=0.0),
                                      precision="fp32")
     assert torch.equal(first, sources.first_rejection(student, teacher, codes, y, 0.3, precision="fp32"))
     teacher.eval()
@@ -168,13 +169,13 @@ def test_repaired_batches_are_reproducible_student_rollouts_repaired_by_the_teac
     assert batch.index is None and data.counts["rollouts"] == 1
     # the student's rollout with the step's stream (as data=student), then the repair with the same generator
     rng = np.random.default_rng([5, 3, 0])
-    options = dict(temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
+    sampling, generator = Sampling(temperature=0.9, top_k=12), torch.Generator().manual_seed(int(rng.integers(2**62)))
     labels = torch.where(torch.from_numpy(rng.random(8) < 0.5), NULL, data.labels[data.order(3)])
     if sampler == "ar":
-        codes = generate(student, labels, **options)
+        codes = generate(student, labels, sampling, generator=generator)
     else:
-        codes = generate_sjd(student, labels, **options)[0]
-    expected, first = sources.repair(student, teacher, codes, labels, 0.15, **options)
+        codes = generate_sjd(student, labels, sampling, generator=generator)[0]
+    expected, first = sources.repair(student, teacher, codes, labels, 0.15, sampling, generator=generator)
     assert torch.equal(batch.labels, labels) and torch.equal(batch.codes, expected)
     before = torch.arange(T)[None, :] < first[:, None]
     assert torch.equal(batch.codes[before], codes[before])

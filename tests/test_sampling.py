@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from varkd.decode import generate
-from varkd.sampling import cfg_logits, filter_logits, sample, sample_from_logits
+from varkd.sampling import Sampling, cfg_logits, filter_logits, sample, sample_from_logits
 
 from tests.helpers import tiny_model
 
@@ -113,8 +113,8 @@ def test_filtered_tokens_are_never_drawn():
 def test_cached_greedy_generation_equals_recomputation(cfg_scale):
     model = tiny_model()
     y = torch.tensor([0, 3, 9, 10])
-    fast = generate(model, y, cfg_scale=cfg_scale, temperature=0.0)
-    slow = generate(model, y, cfg_scale=cfg_scale, temperature=0.0, use_cache=False)
+    fast = generate(model, y, Sampling(cfg_scale=cfg_scale, temperature=0.0))
+    slow = generate(model, y, Sampling(cfg_scale=cfg_scale, temperature=0.0), use_cache=False)
     assert fast.shape == (4, 16) and fast.dtype == torch.long
     assert torch.equal(fast, slow)
     assert len(set(fast.flatten().tolist())) > 4  # not a degenerate constant sequence
@@ -124,7 +124,7 @@ def test_greedy_generation_is_the_argmax_path():
     """Brute force: every generated token is the argmax of the (guided) teacher-forced logits of its prefix."""
     model = tiny_model().eval()
     y, s = torch.tensor([2, 5]), 2.5
-    seq = generate(model, y, cfg_scale=s, temperature=0.0)
+    seq = generate(model, y, Sampling(cfg_scale=s, temperature=0.0))
     cond = model(seq[:, :-1], y)
     uncond = model(seq[:, :-1], torch.full_like(y, 10))
     assert torch.equal(seq, (uncond + s * (cond - uncond)).argmax(-1))
@@ -133,20 +133,20 @@ def test_greedy_generation_is_the_argmax_path():
 def test_cached_sampling_equals_recomputation_with_generator():
     model = tiny_model()
     y = torch.tensor([1, 1, 4])
-    kw = dict(cfg_scale=2.0, top_k=20, top_p=0.9, temperature=1.2)
-    a = generate(model, y, generator=torch.Generator().manual_seed(3), **kw)
-    b = generate(model, y, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    sampling = Sampling(cfg_scale=2.0, top_k=20, top_p=0.9, temperature=1.2)
+    a = generate(model, y, sampling, generator=torch.Generator().manual_seed(3))
+    b = generate(model, y, sampling, generator=torch.Generator().manual_seed(3), use_cache=False)
     assert torch.equal(a, b)
 
 
 def test_generate_restores_mode_and_clears_caches():
     model = tiny_model().train()
     keys = set(model.state_dict())
-    a = generate(model, torch.arange(5), temperature=0.0)
+    a = generate(model, torch.arange(5), Sampling(temperature=0.0))
     assert model.training and not model.has_caches and set(model.state_dict()) == keys
-    b = generate(model, torch.arange(2), cfg_scale=1.5, temperature=0.0)  # different batch size afterwards
+    b = generate(model, torch.arange(2), Sampling(cfg_scale=1.5, temperature=0.0))  # different batch size afterwards
     assert b.shape == (2, 16)
-    assert torch.equal(a[:2], generate(model.eval(), torch.arange(2), temperature=0.0))
+    assert torch.equal(a[:2], generate(model.eval(), torch.arange(2), Sampling(temperature=0.0)))
     assert not model.training
 
 
@@ -156,7 +156,7 @@ def test_generate_large_batch():
 
     model = tiny_model(vocab_size=256)
     t = time.perf_counter()
-    out = generate(model, torch.arange(1024) % 10, cfg_scale=1.5, generator=torch.Generator().manual_seed(0))
+    out = generate(model, torch.arange(1024) % 10, Sampling(cfg_scale=1.5), generator=torch.Generator().manual_seed(0))
     elapsed = time.perf_counter() - t
     assert out.shape == (1024, 16) and 0 <= out.min() and out.max() < 256
     assert len(torch.unique(out[:, 0])) > 10  # rows are sampled independently

@@ -1,4 +1,5 @@
 """Speculative Jacobi decoding: greedy equals AR greedy, exact sequence distribution (chi-square), stats, cleanup."""
+import dataclasses
 import itertools
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from varkd.decode import generate
 from varkd.models.gpt import GPT, GPTConfig
-from varkd.sampling import cfg_logits, filter_logits
+from varkd.sampling import Sampling, cfg_logits, filter_logits
 import varkd.sjd
 from varkd.sjd import generate_sjd
 
@@ -28,10 +29,10 @@ def gen(seed):
 def test_greedy_sjd_equals_greedy_ar(cfg_scale):
     model = tiny_model()
     y = torch.tensor([0, 3, 9, 10, 10, 4])  # 10 = the null class
-    ref = generate(model, y, cfg_scale=cfg_scale, temperature=0.0)
+    ref = generate(model, y, Sampling(cfg_scale=cfg_scale, temperature=0.0))
     assert len(set(ref.flatten().tolist())) > 4  # not a degenerate constant sequence
     for window, init in itertools.product([1, 3, 16], ["random", "repeat_horizon"]):
-        out, _ = generate_sjd(model, y, cfg_scale=cfg_scale, temperature=0.0, window=window, init=init,
+        out, _ = generate_sjd(model, y, Sampling(cfg_scale=cfg_scale, temperature=0.0), window=window, init=init,
                               generator=gen(window))
         assert torch.equal(out, ref), (window, init)
 
@@ -42,9 +43,9 @@ N = 20_000
 # 0.999 quantiles of chi-square(df) (scipy.stats.chi2.ppf(0.999, df)) for the pooled cell counts used below
 CHI2_CRIT = {15: 37.697, 18: 42.312, 69: 111.055}
 CASES = {  # sampling settings, SJD window and init
-    "cfg2": (dict(cfg_scale=2.0), 4, "random"),
-    "topk": (dict(temperature=1.3, top_k=2), 2, "repeat_horizon"),
-    "topp_cfg": (dict(cfg_scale=1.5, top_p=0.8), 3, "random"),
+    "cfg2": (Sampling(cfg_scale=2.0), 4, "random"),
+    "topk": (Sampling(temperature=1.3, top_k=2), 2, "repeat_horizon"),
+    "topp_cfg": (Sampling(cfg_scale=1.5, top_p=0.8), 3, "random"),
 }
 
 
@@ -53,13 +54,14 @@ def vocab3_model() -> GPT:
                       initializer_range=0.1, output_std=0.5).eval()
 
 
-def exact_probs(model, label, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+def exact_probs(model, label, sampling: Sampling) -> torch.Tensor:
     """Probability of each of SEQS under AR sampling, from teacher-forced forwards (float64 products)."""
     y = torch.full((len(SEQS),), label)
     logits = model(SEQS[:, :-1], y)
-    if cfg_scale != 1.0:
-        logits = cfg_logits(logits, model(SEQS[:, :-1], torch.full_like(y, model.config.num_classes)), cfg_scale)
-    logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(-1).double()
+    if sampling.guided:
+        logits = cfg_logits(logits, model(SEQS[:, :-1], torch.full_like(y, model.config.num_classes)),
+                            sampling.cfg_scale)
+    logp = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(-1).double()
     return logp.gather(-1, SEQS[..., None]).squeeze(-1).sum(-1).exp()
 
 
@@ -85,15 +87,15 @@ def passes_chi_square(samples, probs) -> bool:
 
 @pytest.mark.parametrize("case", CASES)
 def test_sjd_and_ar_sample_the_exact_sequence_distribution(case):
-    kw, window, init = CASES[case]
+    sampling, window, init = CASES[case]
     model = vocab3_model()
-    probs = exact_probs(model, 1, **kw)
+    probs = exact_probs(model, 1, sampling)
     torch.testing.assert_close(probs.sum().item(), 1.0)
     y = torch.ones(N, dtype=torch.long)
-    sjd, stats = generate_sjd(model, y, window=window, init=init, generator=gen(1), **kw)
+    sjd, stats = generate_sjd(model, y, sampling, window=window, init=init, generator=gen(1))
     assert stats["forward_passes_per_image"] < 4  # drafts were accepted: the test exercises verification
     assert passes_chi_square(sjd, probs)
-    assert passes_chi_square(generate(model, y, generator=gen(2), **kw), probs)
+    assert passes_chi_square(generate(model, y, sampling, generator=gen(2)), probs)
 
 
 class AcceptEveryDraft:
@@ -109,14 +111,15 @@ class AcceptEveryDraft:
 
 def test_chi_square_rejects_wrong_samplers(monkeypatch):
     """The distribution test has power: a broken acceptance and a 10% too weak guidance both fail it."""
-    kw, window, init = CASES["cfg2"]
+    sampling, window, init = CASES["cfg2"]
     model = vocab3_model()
-    probs = exact_probs(model, 1, **kw)
+    probs = exact_probs(model, 1, sampling)
     y = torch.ones(N, dtype=torch.long)
-    weak_cfg, _ = generate_sjd(model, y, window=window, init=init, generator=gen(1), **{**kw, "cfg_scale": 1.9})
+    weak = dataclasses.replace(sampling, cfg_scale=1.9)
+    weak_cfg, _ = generate_sjd(model, y, weak, window=window, init=init, generator=gen(1))
     assert not passes_chi_square(weak_cfg, probs)
     monkeypatch.setattr(varkd.sjd, "torch", AcceptEveryDraft())
-    accept_all, _ = generate_sjd(model, y, window=window, init=init, generator=gen(1), **kw)
+    accept_all, _ = generate_sjd(model, y, sampling, window=window, init=init, generator=gen(1))
     assert not passes_chi_square(accept_all, probs)
 
 
@@ -125,7 +128,7 @@ def test_chi_square_rejects_wrong_samplers(monkeypatch):
 @pytest.mark.parametrize("init", ["random", "repeat_horizon"])
 def test_stats(window, init):
     model = tiny_model(output_std=0.3)
-    out, stats = generate_sjd(model, torch.arange(8), cfg_scale=1.5, top_k=20, window=window, init=init,
+    out, stats = generate_sjd(model, torch.arange(8), Sampling(cfg_scale=1.5, top_k=20), window=window, init=init,
                               generator=gen(0))
     T = 16
     assert out.shape == (8, T) and out.dtype == torch.long and 0 <= out.min() and out.max() < 64
@@ -139,20 +142,20 @@ def test_stats(window, init):
 def test_sjd_is_reproducible_with_generator():
     model = tiny_model()
     y = torch.tensor([1, 1, 4, 10])
-    a, _ = generate_sjd(model, y, cfg_scale=2.0, top_p=0.9, window=5, generator=gen(3))
-    b, _ = generate_sjd(model, y, cfg_scale=2.0, top_p=0.9, window=5, generator=gen(3))
-    c, _ = generate_sjd(model, y, cfg_scale=2.0, top_p=0.9, window=5, generator=gen(4))
+    a, _ = generate_sjd(model, y, Sampling(cfg_scale=2.0, top_p=0.9), window=5, generator=gen(3))
+    b, _ = generate_sjd(model, y, Sampling(cfg_scale=2.0, top_p=0.9), window=5, generator=gen(3))
+    c, _ = generate_sjd(model, y, Sampling(cfg_scale=2.0, top_p=0.9), window=5, generator=gen(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_sjd_restores_mode_and_clears_caches():
     model = tiny_model().train()
     keys = set(model.state_dict())
-    a, _ = generate_sjd(model, torch.arange(5), temperature=0.0, window=4)
+    a, _ = generate_sjd(model, torch.arange(5), Sampling(temperature=0.0), window=4)
     assert model.training and not model.has_caches and set(model.state_dict()) == keys
-    b, _ = generate_sjd(model, torch.arange(2), cfg_scale=1.5, temperature=0.0)  # different row count afterwards
+    b, _ = generate_sjd(model, torch.arange(2), Sampling(cfg_scale=1.5, temperature=0.0))  # another row count after
     assert b.shape == (2, 16) and not model.has_caches
-    assert torch.equal(a[:2], generate_sjd(model.eval(), torch.arange(2), temperature=0.0)[0])
+    assert torch.equal(a[:2], generate_sjd(model.eval(), torch.arange(2), Sampling(temperature=0.0))[0])
     assert not model.training
 
 
@@ -163,5 +166,5 @@ def test_sjd_rejects_bad_arguments():
     with pytest.raises(ValueError, match="window"):
         generate_sjd(model, torch.arange(2), window=0)
     with pytest.raises(ValueError, match="null-class"):
-        generate_sjd(model, torch.arange(2), cfg_scale=2.0)
+        generate_sjd(model, torch.arange(2), Sampling(cfg_scale=2.0))
     assert not model.has_caches

@@ -13,6 +13,7 @@ from varkd.config import (AdaptiveConfig, MethodConfig, MixtureConfig, PoolJob, 
 from varkd.decode import generate
 from varkd.loop import BatchOrder, Part
 from varkd.models.gpt import GPT, GPTConfig
+from varkd.sampling import Sampling
 from varkd.sjd import generate_sjd
 from varkd.steps.teacher import cache_teacher_logits, sample_pool
 from varkd.steps.train import train_gpt
@@ -48,7 +49,7 @@ def test_student_rollouts_come_from_the_student_and_keep_its_mode():
     rng = np.random.default_rng([5, 3, 0])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     rng.random(8)  # the null-label draw
-    expected = generate(student, batch.labels, temperature=0.7, generator=generator)
+    expected = generate(student, batch.labels, Sampling(temperature=0.7), generator=generator)
     assert torch.equal(expected, batch.codes)
     assert data.counts["rollouts"] == 2 and data.counts["rollout_tokens"] == 2 * 8 * 16
 
@@ -148,7 +149,7 @@ def test_teacher_pool_is_sampled_once_and_read_like_ground_truth(codes, tmp_path
                                distill.teacher_logits(teacher, pool_codes[:5], pool_labels[:5]).float(), atol=0.02,
                                rtol=0.02)
     # the first batch is the teacher's draw for its labels, with the pool's generator
-    expected = generate(teacher, pool_labels[:7], temperature=0.8, generator=torch.Generator().manual_seed(0))
+    expected = generate(teacher, pool_labels[:7], Sampling(temperature=0.8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(pool_codes[:7], expected)
 
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="fkl")], rollout=rollout)
@@ -222,7 +223,7 @@ def test_per_sequence_mixture_keeps_ground_truth_rows_and_samples_the_others_fro
         labels = torch.where(torch.from_numpy(rng.random(len(classes)) < 0.25), 3, classes)
         student_rows = torch.from_numpy(on_policy)
         assert torch.equal(batch.labels[student_rows], labels)
-        assert torch.equal(batch.codes[student_rows], generate(student, labels, top_k=5, generator=generator))
+        assert torch.equal(batch.codes[student_rows], generate(student, labels, Sampling(top_k=5), generator=generator))
         seen += int(on_policy.sum())
     assert data.counts["rollouts"] == 3 and data.counts["rollout_tokens"] == seen * 16
     assert data.counts["rollout_steps"] == 3 * 16  # one decoding pass per step, whatever its number of rows
@@ -393,7 +394,8 @@ def test_student_pool_is_read_for_student_terms_and_scored_by_the_live_teacher(c
     init, spool, tpool = load_gpt(init_path), load_code_set(tmp_path / "spool"), load_code_set(tmp_path / "tpool")
     # the init's samples with the method's settings, the pool's seeded generator; the same labels as the teacher pool
     assert torch.equal(spool.labels, tpool.labels)
-    expected = generate(init, spool.labels[:40], temperature=0.8, top_p=0.95, generator=torch.Generator().manual_seed(4))
+    expected = generate(init, spool.labels[:40], Sampling(temperature=0.8, top_p=0.95),
+                        generator=torch.Generator().manual_seed(4))
     assert torch.equal(spool.batch(np.arange(40)), expected)
 
     method = MethodConfig(terms=[TermConfig(data="teacher", divergence="skl"),

@@ -19,6 +19,7 @@ from varkd import losses, sjd
 from varkd.classifier import ClassifierConfig
 from varkd.models.gpt import GPTConfig
 from varkd.models.vq import VQConfig
+from varkd.sampling import Sampling
 from varkd.schedules import MIXTURE_SCHEDULES, REPLAY_RATIOS
 from varkd.selection import NORMALIZATIONS, REWEIGHTS, SELECTORS, SPACES
 
@@ -38,6 +39,21 @@ def _check_positive(obj: Any, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(obj, name)}")
+
+
+class SamplingFields:
+    """The sections that carry the sampler's four fields, cfg_scale, temperature, top_k and top_p (sample, rollout,
+    diagnose): `sampling` hands them to the decoders whole, and `varkd.sampling.Sampling` owns their one check."""
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.cfg_scale, self.temperature, self.top_k, self.top_p)
+
+    def check_sampling(self, section: str) -> None:
+        try:
+            self.sampling
+        except ValueError as err:
+            raise ConfigError(f"{section} {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +242,7 @@ class TermConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(SamplingFields):
     """Sequences sampled during training (no gradient, models in eval mode, KV-cache sampler)."""
 
     cfg_scale: float = 1.0  # assumption: unguided rollouts; docs/distillation.md section 8 suggests ablating this
@@ -258,8 +274,10 @@ class RolloutConfig:
         _check_choice("rollout.sampler", self.sampler, ("ar", "sjd"))
         _check_choice("rollout.init", self.init, sjd.INITS)
         _check_positive(self, "window")
-        if self.cfg_scale < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("rollout needs cfg_scale >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        self.check_sampling("rollout")
+        if self.temperature == 0:
+            raise ConfigError("rollout needs temperature > 0: greedy decoding (0) draws the same sequence every time "
+                              "for a class, so the rollouts would not be samples of the model")
         if not 0 <= self.null_fraction < 1:
             raise ConfigError(f"null_fraction must be in [0, 1), got {self.null_fraction}")
         if not 0 <= self.repair_threshold <= 1:
@@ -367,7 +385,7 @@ class MethodConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingFields):
     """Class-balanced generation for evaluation: plain AR decoding with KV cache."""
 
     num_samples: int = 1000  # per evaluation, scored against the test split
@@ -397,8 +415,7 @@ class SampleConfig:
                               "empty")
         if self.resize_to < 0:
             raise ConfigError(f"sample.resize_to must be >= 0, got {self.resize_to}")
-        if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("need cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        self.check_sampling("sample")
 
 
 CLASSIFIER_EXTRACTOR = "varkd-classifier"  # torch-fidelity name of the embedded study's classifier (varkd.metrics)
@@ -445,7 +462,7 @@ class EvaluateConfig:
 
 
 @dataclass
-class DiagnoseConfig:
+class DiagnoseConfig(SamplingFields):
     """Mechanism diagnostics (varkd.diagnostics): how reliable the teacher's supervision is along the raster order,
     on held-out sequences and on the student's own samples (the on-policy rollout distribution by default)."""
 
@@ -463,8 +480,7 @@ class DiagnoseConfig:
     def __post_init__(self):
         _check_positive(self, "num_sequences", "batch_size")
         _check_choice("diagnose.teacher_precision", self.teacher_precision, ("bf16", "fp32"))
-        if self.cfg_scale < 1.0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("diagnose needs cfg_scale >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        self.check_sampling("diagnose")
 
 
 @dataclass

@@ -131,11 +131,8 @@ def forced_positions(prefix: Optional[torch.Tensor], prefix_len: Optional[torch.
 def generate(
     model,
     cond_idx: torch.Tensor,
+    sampling: Sampling = Sampling(),
     *,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     prefix: Optional[torch.Tensor] = None,
@@ -144,12 +141,12 @@ def generate(
     """Sample block_size image tokens per label -> LongTensor [B, T] in raster order.
 
     model: a GPT, or a `varkd.decode.Decoder` of one to reuse its weights copy and caches across calls.
-    cond_idx: [B] class ids (num_classes is the null class). cfg_scale != 1 runs [cond; null] as one batch of 2B.
-    temperature == 0 is greedy decoding. The uniforms of the whole batch are drawn once, u [B, T] float64 from
-    `generator`, token n of row b from u[b, n]: a row's tokens do not depend on the rows beside it. Decoding runs
-    on the model's decoding copy (eval mode; the model's own mode and modules are untouched). use_cache=False
-    recomputes the whole prefix with the model's teacher-forced forward at every step, same uniforms (slow; the
-    reference for the engine).
+    cond_idx: [B] class ids (num_classes is the null class). sampling: CFG scale, temperature, top-k, top-p; a
+    guided one (cfg_scale != 1) runs [cond; null] as one batch of 2B; temperature 0 is greedy decoding. The
+    uniforms of the whole batch are drawn once, u [B, T] float64 from `generator`, token n of row b from u[b, n]: a
+    row's tokens do not depend on the rows beside it. Decoding runs on the model's decoding copy (eval mode; the
+    model's own mode and modules are untouched). use_cache=False recomputes the whole prefix with the model's
+    teacher-forced forward at every step, same uniforms (slow; the reference for the engine).
 
     prefix [B, T] with prefix_len [B] (0..T) forces a start: row b takes prefix[b, n] at n < prefix_len[b] and
     samples the rest given it (a teacher continuing a student's prefix). The positions every row forces,
@@ -158,8 +155,7 @@ def generate(
     decoder = as_decoder(model)
     cfg = decoder.config
     T, n_cls = cfg.block_size, cfg.cls_token_num
-    sampling = Sampling(cfg_scale, temperature, top_k, top_p)
-    cond_idx, B = decoding_labels(decoder.model, cond_idx, cfg_scale)
+    cond_idx, B = decoding_labels(decoder.model, cond_idx, sampling.cfg_scale)
     device = cond_idx.device
     forced = forced_positions(prefix, prefix_len, B, T, device)
     start = 0  # the first step that samples

@@ -75,8 +75,7 @@ def context_batches(codes: CodeSet, student: GPT, cfg: DiagnoseConfig, seed: int
     for i in range(0, len(rows), cfg.batch_size):
         index = rows[i : i + cfg.batch_size]
         labels = codes.labels[index].to(device)
-        sampled = generate(decoder, labels, cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
-                           top_p=cfg.top_p, generator=generator)
+        sampled = generate(decoder, labels, cfg.sampling, generator=generator)
         yield labels, {"ground_truth": codes.batch(index).to(device), "student": sampled}
 
 

@@ -52,6 +52,12 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
+    def __post_init__(self):
+        if self.cfg_scale < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            # worded to follow the name of what is checked: "rollout needs ...", "sample needs ..."
+            raise ValueError(f"needs cfg_scale >= 1, temperature >= 0 (0: greedy), top_k >= 0 and 0 < top_p <= 1, "
+                             f"got {self}")
+
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0

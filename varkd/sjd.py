@@ -1,12 +1,12 @@
 """Speculative Jacobi decoding (SJD) for the LlamaGen GPT: parallel, lossless class-conditional sampling.
 
 Why: on-policy KD needs many student rollouts x ~ q(.|c) during training (no_grad, eval mode); SJD produces them
-in fewer forward passes than token-by-token decoding. Inference and evaluation stay plain AR (`sampling.generate`).
+in fewer forward passes than token-by-token decoding. Inference and evaluation stay plain AR (`decode.generate`).
 
 Source: Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with Training-free Speculative Jacobi
 Decoding", ICLR 2025, arXiv 2410.01699. It is lossless: each kept token passes a speculative-sampling test against
 the AR sampler's next-token distribution given its (accepted) prefix, so the output has exactly the distribution
-of `generate` with the same cfg_scale, temperature, top_k and top_p.
+of `generate` with the same `Sampling` (cfg_scale, temperature, top_k, top_p).
 
 Every row keeps its own window of W draft positions [acc_r, acc_r + W) after its acc_r accepted tokens, so the
 step has one fixed shape [rows, W] whatever the rows' progress. One iteration:
@@ -67,11 +67,8 @@ class LateFlag:
 def generate_sjd(
     model,
     cond_idx: torch.Tensor,
+    sampling: Sampling = Sampling(),
     *,
-    cfg_scale: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     window: int = 16,
     init: str = "random",
     generator: Optional[torch.Generator] = None,
@@ -79,7 +76,7 @@ def generate_sjd(
     """Sample block_size image tokens per label with SJD -> (LongTensor [B, T] in raster order, stats).
 
     Same contract as `decode.generate` (model a GPT or its `Decoder`, cond_idx [B], num_classes is the null class,
-    cfg_scale != 1 runs [cond; null] as one batch of 2B, temperature 0 is greedy, the model's mode untouched).
+    a guided sampling runs [cond; null] as one batch of 2B, temperature 0 is greedy, the model's mode untouched).
     stats: "iterations" (batched forward passes until every row was complete), "forwards" (those run, with the
     late flag's extra one), "forward_passes_per_image" (mean over rows of the iteration at which the row was
     complete) and "tokens" (B * T).
@@ -92,17 +89,16 @@ def generate_sjd(
     cfg = decoder.config
     T, V, g = cfg.block_size, cfg.vocab_size, math.isqrt(cfg.block_size)
     W = min(window, T)
-    sampling = Sampling(cfg_scale, temperature, top_k, top_p)
-    cond_idx, B = decoding_labels(decoder.model, cond_idx, cfg_scale)
+    cond_idx, B = decoding_labels(decoder.model, cond_idx, sampling.cfg_scale)
     device = cond_idx.device
     offsets = torch.arange(W, device=device)
 
     def target(logits: torch.Tensor) -> torch.Tensor:  # logits [B or 2B, W, V] -> p [B, W, V] float32
         if sampling.guided:
-            logits = cfg_logits(logits[:B], logits[B:], cfg_scale)
-        if temperature == 0:
+            logits = cfg_logits(logits[:B], logits[B:], sampling.cfg_scale)
+        if sampling.temperature == 0:
             return F.one_hot(logits.argmax(dim=-1), V).float()
-        return filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+        return filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(dim=-1)
 
     def start_window(seq, pos, kept, kept_tokens, u):  # the drafts of the window at pos [B, W] -> is_new [B, W]
         """Write the window's drafts into seq: kept_tokens where kept, else `init` drafts (random from u)."""

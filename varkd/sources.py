@@ -34,6 +34,7 @@ from varkd.config import MethodConfig
 from varkd.decode import Decoder, generate
 from varkd.loop import WHOLE, BatchOrder, Part, autocast
 from varkd.models.gpt import GPT
+from varkd.sampling import Sampling
 from varkd.schedules import AdaptiveSchedule, OnPolicyMixture, ReplayBuffer
 from varkd.sjd import generate_sjd
 
@@ -78,13 +79,12 @@ def first_rejection(student: GPT, teacher: GPT, codes: torch.Tensor, labels: tor
     return torch.where(rejected.any(dim=1), rejected.int().argmax(dim=1), codes.shape[1])
 
 
-def repair(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, threshold: float, *,
-           cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None, precision: str = "bf16",
+def repair(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, threshold: float,
+           sampling: Sampling = Sampling(), *, generator: Optional[torch.Generator] = None, precision: str = "bf16",
            decoder: Optional[Decoder] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative KD's repair of the student's samples codes [B, T] (labels [B], on the models' device): each
     sequence keeps the student's tokens before its first rejection (`first_rejection`) and the teacher samples that
-    position and the rest itself (`generate` from the forced prefix, with these settings), so the student is
+    position and the rest itself (`generate` from the forced prefix, with `sampling`), so the student is
     supervised on its own context only as far as the teacher would accept it.
 
     Returns (repaired codes [B, T], first rejection [B] long, T where none: that row is unchanged). Only the rows
@@ -93,8 +93,8 @@ def repair(student: GPT, teacher: GPT, codes: torch.Tensor, labels: torch.Tensor
     repaired = codes.clone()
     rows = first < codes.shape[1]
     if rows.any():
-        repaired[rows] = generate(decoder or teacher, labels[rows], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, generator=generator, prefix=codes[rows], prefix_len=first[rows])
+        repaired[rows] = generate(decoder or teacher, labels[rows], sampling, generator=generator, prefix=codes[rows],
+                                  prefix_len=first[rows])
     return repaired, first
 
 
@@ -174,14 +174,12 @@ class StepData:
         r = self.method.rollout
         labels = self.labels[index].clone()
         labels[torch.from_numpy(rng.random(len(labels)) < r.null_fraction)] = self.null_class
-        options = dict(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                       generator=generator)
         if r.sampler == "sjd":
-            codes, stats = generate_sjd(self.decoder(model), labels.to(self.device), window=r.window, init=r.init,
-                                        **options)
+            codes, stats = generate_sjd(self.decoder(model), labels.to(self.device), r.sampling, window=r.window,
+                                        init=r.init, generator=generator)
             self.counts["rollout_steps"] += stats["forwards"]
         else:
-            codes = generate(self.decoder(model), labels.to(self.device), **options)
+            codes = generate(self.decoder(model), labels.to(self.device), r.sampling, generator=generator)
             self.counts["rollout_steps"] += codes.shape[1]
         self.counts["rollouts"] += 1
         self.counts["rollout_tokens"] += codes.numel()
@@ -196,8 +194,7 @@ class StepData:
         batch = self.rollout(self.student, index, rng, generator)
         r, T = self.method.rollout, batch.codes.shape[1]
         codes, first = repair(self.student, self.teacher, batch.codes.to(self.device), batch.labels.to(self.device),
-                              r.repair_threshold, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
-                              top_p=r.top_p, generator=generator, decoder=self.decoder(self.teacher))
+                              r.repair_threshold, r.sampling, generator=generator, decoder=self.decoder(self.teacher))
         self.counts["teacher_forwards"] += 1
         self.counts["rollout_steps"] += T - int(first.min())
         self.counts["repaired_rows"] += int((first < T).sum())

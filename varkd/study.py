@@ -337,16 +337,14 @@ class Study:
     def pool_sampling(self, backbone: str, method: MethodConfig, model: str) -> RolloutConfig:
         """What shapes a pool's samples (not the student's sampler or window): the method's rollout settings, or
         for a teacher pool with rollout.eval_sampling the study's evaluation sampling of that teacher."""
-        r = method.rollout
+        r, sampling = method.rollout, method.rollout.sampling
         if model == "teacher" and r.eval_sampling:
-            owner, sample = self.backbones[backbone].teacher_from or backbone, self.cfg.sample
+            owner = self.backbones[backbone].teacher_from or backbone
             cfg_scale = self.backbones[owner].teacher_cfg_scale
-            options = dict(cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale,
-                           temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p)
-        else:
-            options = dict(cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+            sampling = self.cfg.sample.sampling
+            sampling = sampling if cfg_scale is None else dataclasses.replace(sampling, cfg_scale=cfg_scale)
         try:
-            return RolloutConfig(**options, null_fraction=r.null_fraction)
+            return RolloutConfig(**dataclasses.asdict(sampling), null_fraction=r.null_fraction)
         except ConfigError as err:
             raise ConfigError(f"the {model} pool of backbone {backbone!r} (rollout.eval_sampling draws it with the "
                               f"study's sample section): {err}") from None
@@ -627,8 +625,9 @@ class Study:
         if self.cfg.evaluate.noise_seeds:
             self.jobs[layout.noise_config(self.name, backbone)] = NoiseFloorJob(
                 sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
-                checkpoint=layout.student(sdir), tokenizer=self.tokenizer, real_features=self.real_features()["test"],
-                classifier=self.classifier, identity=identity, seed=bb.teacher_seed, out=self.noise_file(backbone))
+                checkpoint=layout.student(sdir), tokenizer=self.tokenizer,
+                real_features=self.real_features()["test"], classifier=self.classifier, identity=identity,
+                seed=bb.teacher_seed, out=self.noise_file(backbone))
         self._add_diagnose_job(backbone, sdir, identity)
 
     def _add_pool_jobs(self, model_dir: str, checkpoint: str, rollout: RolloutConfig, seed: int, logits: bool) -> str:

@@ -66,8 +66,8 @@ def draw_images(model: GPT, vq: VQModel, labels: np.ndarray, cfg: SampleConfig, 
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     generator, images, decoder = torch.Generator(device).manual_seed(seed), [], Decoder(model, dtype)
     for i in range(0, len(labels), cfg.batch_size):
-        codes = generate(decoder, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg_scale=cfg.cfg_scale,
-                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)
+        codes = generate(decoder, torch.from_numpy(labels[i : i + cfg.batch_size]).to(device), cfg.sampling,
+                         generator=generator)
         images.append(vq.decode_to_uint8(codes, size=cfg.resize_to).numpy())
     return np.concatenate(images)
 

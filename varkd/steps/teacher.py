@@ -78,8 +78,7 @@ def sample_pool(job: PoolJob, device: torch.device = torch.device("cpu")) -> Non
 
 def _pool_samples(model: GPT, labels: torch.Tensor, job: PoolJob, seed: int, device: torch.device):
     """The model's samples for `labels`, batch by batch: (offset, codes [b, T], labels [b]) on `device`."""
-    r, generator, decoder = job.rollout, torch.Generator(device).manual_seed(seed), Decoder(model)
+    generator, decoder = torch.Generator(device).manual_seed(seed), Decoder(model)
     for i in range(0, len(labels), job.batch_size):
         y = labels[i : i + job.batch_size].to(device)
-        yield i, generate(decoder, y, cfg_scale=r.cfg_scale, temperature=r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, generator=generator), y
+        yield i, generate(decoder, y, job.rollout.sampling, generator=generator), y
