@@ -177,7 +177,7 @@ class Study:
                 what = f"LlamaGen {size} {cfg.data.image_size}px checkpoint, {role} of backbone {name}"
                 self.pretrained[(name, role)] = (size, self._official_file(official, what))
         if cfg.tokenizer.pretrained:
-            self.tokenizer_file = self._official_file(LLAMAGEN_VQ_FILES[cfg.tokenizer.pretrained],
+            self.released_tokenizer = self._official_file(LLAMAGEN_VQ_FILES[cfg.tokenizer.pretrained],
                                                       f"{cfg.tokenizer.pretrained} tokenizer")
 
     def _check_scale(self) -> None:
@@ -287,7 +287,9 @@ class Study:
         return None if self.imagefolder else layout.images(self.name)
 
     @property
-    def tokenizer(self) -> str:
+    def tokenizer_checkpoint(self) -> str:
+        """The study's tokenizer as a varkd checkpoint (trained by the workflow, or imported from released_tokenizer):
+        the file every job that encodes or decodes images reads."""
         return layout.tokenizer(self.name)
 
     def codes(self, split: str) -> str:
@@ -486,7 +488,7 @@ class Study:
         cfg = self.cfg
         if cfg.tokenizer.pretrained:
             self.jobs[layout.config(layout.tokenizer_dir(self.name))] = ImportTokenizerJob(
-                name=cfg.tokenizer.pretrained, path=self.tokenizer_file, out=self.tokenizer)
+                name=cfg.tokenizer.pretrained, path=self.released_tokenizer, out=self.tokenizer_checkpoint)
         if self.imagefolder:
             self._add_extraction_jobs()
         else:
@@ -516,7 +518,7 @@ class Study:
             self.jobs[layout.config(layout.tokenizer_dir(self.name))] = TokenizerJob(
                 tokenizer=cfg.tokenizer, images=self.images, out_dir=layout.tokenizer_dir(self.name))
         self.jobs[layout.config(layout.codes_dir(self.name))] = ExtractCodesJob(
-            tokenizer=self.tokenizer, images=self.images, out_dir=layout.codes_dir(self.name))
+            tokenizer=self.tokenizer_checkpoint, images=self.images, out_dir=layout.codes_dir(self.name))
         if self.classifier:
             self.jobs[layout.config(layout.classifier_dir(self.name))] = ClassifierJob(
                 classifier=cfg.classifier, images=self.images, out_dir=layout.classifier_dir(self.name))
@@ -542,7 +544,7 @@ class Study:
             shards = [layout.code_shard(self.name, split, i) for i in range(count)]
             for i, shard in enumerate(shards):
                 self.jobs[layout.config_of(shard)] = CodeShardJob(
-                    tokenizer=self.tokenizer, index=index, root=f"{cfg.data.root}/{tree}",
+                    tokenizer=self.tokenizer_checkpoint, index=index, root=f"{cfg.data.root}/{tree}",
                     image_size=cfg.data.image_size, augment=cfg.codes.augment if split == "train" else "none",
                     crop_range=cfg.codes.crop_range, shard=i, num_shards=count,
                     batch_size=cfg.codes.batch_size, out=shard)
@@ -560,7 +562,7 @@ class Study:
         shards = self.samples_shards(run_dir)
         for i, shard in enumerate(shards or [layout.samples(run_dir)]):
             config = layout.config_of(shard) if shards else layout.sample_config(run_dir)
-            self.jobs[config] = SampleJob(sample=sample, checkpoint=checkpoint, tokenizer=self.tokenizer,
+            self.jobs[config] = SampleJob(sample=sample, checkpoint=checkpoint, tokenizer=self.tokenizer_checkpoint,
                                           seed=seed, shard=i, out_dir=run_dir)
         if shards:
             self.jobs[layout.gather_samples_config(run_dir)] = GatherSamplesJob(
@@ -625,7 +627,7 @@ class Study:
         if self.cfg.evaluate.noise_seeds:
             self.jobs[layout.noise_config(self.name, backbone)] = NoiseFloorJob(
                 sample=dataclasses.replace(sample, num_shards=1), evaluate=self.cfg.evaluate,
-                checkpoint=layout.student(sdir), tokenizer=self.tokenizer,
+                checkpoint=layout.student(sdir), tokenizer=self.tokenizer_checkpoint,
                 real_features=self.real_features()["test"], classifier=self.classifier, identity=identity,
                 seed=bb.teacher_seed, out=self.noise_file(backbone))
         self._add_diagnose_job(backbone, sdir, identity)
@@ -652,7 +654,7 @@ class Study:
         if method.uses_clusters:
             clusters = self.clusters(method.clusters, method.cluster_source, run.backbone)
             source = (dict(teacher=teacher, codes_train=self.codes("train"))
-                      if method.cluster_source == "teacher" else dict(tokenizer=self.tokenizer))
+                      if method.cluster_source == "teacher" else dict(tokenizer=self.tokenizer_checkpoint))
             self.jobs[layout.config_of(clusters)] = ClusterJob(**source, num_clusters=method.clusters,
                                                                       out=clusters)
         if method.uses_teacher_pool:
