@@ -885,10 +885,13 @@ class TrainJob:
 
     study: str = "???"
     backbone: str = "???"
-    method: str = "???"  # preset name; "teacher" for the teacher run
+    # method names the run (its preset's name, the results folder; "teacher" for the teacher run) and kd is what
+    # that preset resolves to. The keys keep their names: a rename would rewrite every train job's config and
+    # send every existing run back to training under Snakemake.
+    method: str = "???"
     seed: int = 0
     model: GPTConfig = field(default_factory=GPTConfig)
-    kd: MethodConfig = field(default_factory=MethodConfig)
+    kd: MethodConfig = field(default_factory=MethodConfig)  # the method: terms, rollout, schedules
     optim: OptimConfig = field(default_factory=OptimConfig)
     codes_train: str = "???"  # code set folders (code_set_files)
     codes_val: str = "???"
