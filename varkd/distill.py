@@ -61,7 +61,8 @@ class TeacherTargets:
                                  f"[{', '.join(map(str, expected))}, T, V]")
             self.caches[name] = cache
 
-    def __call__(self, batch: Batch, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Batch, codes_BT: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits [B, T, V] on the batch's sequences (codes_BT, labels_B: the batch on the device)."""
         cache = self.caches.get(batch.cache) if batch.index is not None else None
         if cache is not None:
             order = np.argsort(batch.index, kind="stable")  # sorted reads are much faster on a memory map
@@ -70,22 +71,23 @@ class TeacherTargets:
                 rows = cache[batch.index[order], batch.views[order], is_null[order]]
             else:
                 rows = cache[batch.index[order]]
-            logits = np.empty_like(rows)
-            logits[order] = rows
-            return torch.from_numpy(logits).to(codes.device)
+            logits_BTV = np.empty_like(rows)
+            logits_BTV[order] = rows
+            return torch.from_numpy(logits_BTV).to(codes_BT.device)
         if self.teacher is None:
             raise ValueError("this batch needs live teacher logits but the job has no teacher checkpoint")
         self.counts["teacher_forwards"] = self.counts.get("teacher_forwards", 0) + 1
-        return teacher_logits(self.scorer, codes, labels)
+        return teacher_logits(self.scorer, codes_BT, labels_B)
 
 
-def teacher_logits(teacher: GPT, codes: torch.Tensor, labels: torch.Tensor, precision: str = "bf16") -> torch.Tensor:
-    """Teacher-forced logits of the frozen teacher: bfloat16 under bf16 autocast (as training scores live batches;
-    the caches store them as float16), float32 with precision="fp32" (for exact comparisons). Not copied to float32:
-    every consumer reads them through losses.log_probs or cluster_logits, which upcast, so a live target costs half
-    the memory of a float32 one ([128, 256, 16384] logits: 1 GiB instead of 2)."""
-    with torch.no_grad(), autocast(codes.device, precision):
-        return teacher.output(teacher(codes[:, :-1], labels, head=False))  # GPT.forward's head casts to float32
+def teacher_logits(teacher: GPT, codes_BT: torch.Tensor, labels_B: torch.Tensor, precision: str = "bf16"
+                   ) -> torch.Tensor:
+    """Teacher-forced logits [B, T, V] of the frozen teacher: bfloat16 under bf16 autocast (as training scores live
+    batches; the caches store them as float16), float32 with precision="fp32" (for exact comparisons). Not copied to
+    float32: every consumer reads them through losses.log_probs or cluster_logits, which upcast, so a live target
+    costs half the memory of a float32 one ([128, 256, 16384] logits: 1 GiB instead of 2)."""
+    with torch.no_grad(), autocast(codes_BT.device, precision):  # head=False: GPT.forward's head casts to float32
+        return teacher.output(teacher(codes_BT[:, :-1], labels_B, head=False))
 
 
 @torch.no_grad()
@@ -105,62 +107,64 @@ def heldout_nll(model: GPT, codes: CodeSet, batch_size: int = 256, device: torch
     return total / (codes.N * codes.T)
 
 
-def term_loss(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
+def term_loss(term: TermConfig, logits_BTV: torch.Tensor, codes_BT: torch.Tensor, target_BTV: Optional[torch.Tensor],
               temperature: float, clusters: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
     """One term's scalar loss: hard-label CE on the sequence, or a divergence to the teacher over tokens and/or
     cluster marginals (clusters: the codes in cluster order and their number), weighted per position."""
-    return reduce_term(term, *term_values(term, logits, codes, target, temperature, clusters))
+    return reduce_term(term, *term_values(term, logits_BTV, codes_BT, target_BTV, temperature, clusters))
 
 
-def chunked_term_loss(term: TermConfig, hidden: torch.Tensor, output: torch.nn.Linear, codes: torch.Tensor,
-                      target: Optional[torch.Tensor], temperature: float,
+def chunked_term_loss(term: TermConfig, hidden_BTD: torch.Tensor, output: torch.nn.Linear, codes_BT: torch.Tensor,
+                      target_BTV: Optional[torch.Tensor], temperature: float,
                       clusters: Optional[tuple[torch.Tensor, int]] = None, chunk: int = 4096) -> torch.Tensor:
-    """`term_loss` of the logits output(hidden) ([B, T, dim] -> [B, T, V]), computed about `chunk` positions at a
-    time (whole positions along T). Each chunk's logits and divergence are recomputed in the backward
-    (activation checkpointing), so neither pass holds more than one chunk's [.., V] float32 tensors: the student's
-    logits of a GPT-B batch of 256 x 256 positions are 4 GiB in float32. Same positions, same reduction: the
-    value and gradient of `term_loss` up to float32 rounding."""
-    B, T = codes.shape
+    """`term_loss` of the logits output(hidden_BTD), computed about `chunk` positions at a time (whole positions
+    along T). Each chunk's logits and divergence are recomputed in the backward (activation checkpointing), so
+    neither pass holds more than one chunk's [.., V] float32 tensors: the student's logits of a GPT-B batch of
+    256 x 256 positions are 4 GiB in float32. Same positions, same reduction: the value and gradient of
+    `term_loss` up to float32 rounding."""
+    B, T = codes_BT.shape
     step = max(1, chunk // B)
 
-    def values(h, x, t):
-        return term_values(term, torch.nn.functional.linear(h, output.weight).float(), x, t, temperature, clusters)
+    def values(h_BSD, x_BS, t_BSV):  # S: the chunk's positions
+        logits_BSV = torch.nn.functional.linear(h_BSD, output.weight).float()
+        return term_values(term, logits_BSV, x_BS, t_BSV, temperature, clusters)
 
-    parts = [torch.utils.checkpoint.checkpoint(values, hidden[:, s : s + step], codes[:, s : s + step],
-                                               None if target is None else target[:, s : s + step],
+    parts = [torch.utils.checkpoint.checkpoint(values, hidden_BTD[:, s : s + step], codes_BT[:, s : s + step],
+                                               None if target_BTV is None else target_BTV[:, s : s + step],
                                                use_reentrant=False)
              for s in range(0, T, step)]
-    per_position = torch.cat([v for v, _ in parts], dim=1)
-    weights = None if parts[0][1] is None else torch.cat([w for _, w in parts], dim=1)
-    return reduce_term(term, per_position, weights)
+    per_position_BT = torch.cat([v for v, _ in parts], dim=1)
+    weights_BT = None if parts[0][1] is None else torch.cat([w for _, w in parts], dim=1)
+    return reduce_term(term, per_position_BT, weights_BT)
 
 
-def reduce_term(term: TermConfig, per_position: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """A term's scalar loss from its values and weights per position [B, T] (`term_values`)."""
-    if weights is None:
-        return losses.reduce(per_position)
-    return weighted_mean(per_position, weights, term.weighting.normalize)
+def reduce_term(term: TermConfig, per_position_BT: torch.Tensor, weights_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    """A term's scalar loss from its values and weights per position (`term_values`)."""
+    if weights_BT is None:
+        return losses.reduce(per_position_BT)
+    return weighted_mean(per_position_BT, weights_BT, term.weighting.normalize)
 
 
-def term_values(term: TermConfig, logits: torch.Tensor, codes: torch.Tensor, target: Optional[torch.Tensor],
-                temperature: float, clusters: Optional[tuple[torch.Tensor, int]] = None
+def term_values(term: TermConfig, logits_BTV: torch.Tensor, codes_BT: torch.Tensor,
+                target_BTV: Optional[torch.Tensor], temperature: float,
+                clusters: Optional[tuple[torch.Tensor, int]] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A term's value per position [B, T] and its weights (None: unweighted), each position on its own."""
+    """A term's value per position [B, T] and its weights [B, T] (None: unweighted), each position on its own."""
     if term.divergence == "ce":
-        return losses.cross_entropy(logits, codes), None
+        return losses.cross_entropy(logits_BTV, codes_BT), None
     options = dict(beta=term.beta, alpha=term.alpha, detach_mixture=term.detach_mixture)
-    per_position = 0.0
+    per_position_BT = 0.0
     if term.cluster_weight < 1:
-        tokens = losses.divergence(term.divergence, logits, target, temperature=temperature, **options)
-        per_position = (1 - term.cluster_weight) * tokens
+        tokens_BT = losses.divergence(term.divergence, logits_BTV, target_BTV, temperature=temperature, **options)
+        per_position_BT = (1 - term.cluster_weight) * tokens_BT
     if term.cluster_weight > 0:
         order, k = clusters
-        student, teacher = (cluster_logits(x.float() / temperature, order, k) for x in (logits, target))
-        marginals = temperature**2 * losses.divergence(term.divergence, student, teacher, **options)
-        per_position = per_position + term.cluster_weight * marginals
+        student_BTK, teacher_BTK = (cluster_logits(x.float() / temperature, order, k) for x in (logits_BTV, target_BTV))
+        marginals_BT = temperature**2 * losses.divergence(term.divergence, student_BTK, teacher_BTK, **options)
+        per_position_BT = per_position_BT + term.cluster_weight * marginals_BT
     if not term.weighting.active:
-        return per_position, None
-    return per_position, token_weights(term.weighting, logits, target, codes, clusters)
+        return per_position_BT, None
+    return per_position_BT, token_weights(term.weighting, logits_BTV, target_BTV, codes_BT, clusters)
 
 
 def load_teacher(path: str, student: GPTConfig, device: torch.device, precision: str = "fp32") -> GPT:

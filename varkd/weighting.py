@@ -26,49 +26,50 @@ def teacher_entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp.masked_fill(logp == -math.inf, 0.0)).sum(-1)
 
 
-def token_weights(cfg: WeightingConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  tokens: torch.Tensor, clusters: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
-    """Weights [B, T] of the positions of sequences `tokens` [B, T] (logits [B, T, V] predict them).
+def token_weights(cfg: WeightingConfig, student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, tokens_BT: torch.Tensor,
+                  clusters: Optional[tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+    """Weights [B, T] of the positions of sequences tokens_BT; the two models' logits student_BTV and teacher_BTV
+    predict them.
 
     space=clusters reads both models' cluster marginals (clusters: the codes in cluster order and their number,
     as `varkd.clusters.cluster_logits` takes them) and each token as its cluster.
     """
     with torch.no_grad():
-        student_logits, teacher_logits = student_logits.detach(), teacher_logits.detach()
+        student_BTV, teacher_BTV = student_BTV.detach(), teacher_BTV.detach()
         if cfg.space not in SPACES:
             raise ValueError(f"weighting.space={cfg.space!r} is not one of {list(SPACES)}")
         if cfg.space == "clusters":
             if clusters is None:
                 raise ValueError("weighting.space=clusters needs the method's clusters")
-            order, k = clusters
-            student_logits, teacher_logits = (cluster_logits(x.float(), order, k) for x in (student_logits,
-                                                                                            teacher_logits))
-            tokens = torch.argsort(order).to(tokens.device)[tokens] // (len(order) // k)
-        logp = log_probs(teacher_logits)
-        gate = torch.ones(tokens.shape, device=logp.device)
+            order, k = clusters  # from here on V is the number of clusters and a token is its cluster
+            student_BTV, teacher_BTV = (cluster_logits(x.float(), order, k) for x in (student_BTV, teacher_BTV))
+            tokens_BT = torch.argsort(order).to(tokens_BT.device)[tokens_BT] // (len(order) // k)
+        logp_BTV = log_probs(teacher_BTV)
+        gate_BT = torch.ones(tokens_BT.shape, device=logp_BTV.device)
         if cfg.selector != "none":
             if cfg.selector == "confidence":
-                selected = logp.max(-1).values.exp() >= cfg.threshold
+                selected_BT = logp_BTV.max(-1).values.exp() >= cfg.threshold
             elif cfg.selector == "entropy":
-                selected = teacher_entropy(logp) <= cfg.threshold
+                selected_BT = teacher_entropy(logp_BTV) <= cfg.threshold
             elif cfg.selector == "acceptance":
-                logq = log_probs(student_logits)
-                log_ratio = (logp - logq).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-                selected = log_ratio.clamp(max=0.0).exp() >= cfg.threshold
+                logq_BTV = log_probs(student_BTV)
+                log_ratio_BT = (logp_BTV - logq_BTV).gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1)
+                selected_BT = log_ratio_BT.clamp(max=0.0).exp() >= cfg.threshold
             elif cfg.selector == "topk":  # the token's teacher probability is at least the k-th largest one
-                k = min(cfg.top_k, logp.shape[-1])
-                kth = logp.topk(k, dim=-1).values[..., -1]
-                selected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) >= kth
+                k = min(cfg.top_k, logp_BTV.shape[-1])
+                kth_BT = logp_BTV.topk(k, dim=-1).values[..., -1]
+                selected_BT = logp_BTV.gather(-1, tokens_BT.unsqueeze(-1)).squeeze(-1) >= kth_BT
             else:
                 raise ValueError(f"weighting.selector={cfg.selector!r} is not one of {list(SELECTORS)}")
-            gate = torch.where(selected, 1.0, cfg.low_weight)
+            gate_BT = torch.where(selected_BT, 1.0, cfg.low_weight)
         if cfg.reweight == "confidence":
-            gate = gate * logp.max(-1).values.exp() ** cfg.power
+            gate_BT = gate_BT * logp_BTV.max(-1).values.exp() ** cfg.power
         elif cfg.reweight == "entropy":
-            gate = gate * (1.0 - teacher_entropy(logp) / math.log(logp.shape[-1])).clamp(min=0.0) ** cfg.power
+            certainty_BT = (1.0 - teacher_entropy(logp_BTV) / math.log(logp_BTV.shape[-1])).clamp(min=0.0)
+            gate_BT = gate_BT * certainty_BT**cfg.power
         elif cfg.reweight != "none":
             raise ValueError(f"weighting.reweight={cfg.reweight!r} is not one of {list(REWEIGHTS)}")
-    return gate
+    return gate_BT
 
 
 def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor, normalize: str) -> torch.Tensor:

@@ -84,13 +84,15 @@ def train_gpt(job: TrainJob, device: torch.device = torch.device("cpu")) -> Path
         total, logs = 0.0, {}
         for i, term in enumerate(kd.terms):
             batch = data(i, step, part)
-            x, y = batch.codes.to(device), batch.labels.to(device)
-            target = targets(batch, x, y) if term.uses_teacher_logits else None
+            codes_BT, labels_B = batch.codes.to(device), batch.labels.to(device)
+            target_BTV = targets(batch, codes_BT, labels_B) if term.uses_teacher_logits else None
             if job.optim.loss_chunk:
-                value = chunked_term_loss(term, student(x[:, :-1], y, head=False), model.output, x, target,
-                                          kd.temperature, clusters, job.optim.loss_chunk)
+                hidden_BTD = student(codes_BT[:, :-1], labels_B, head=False)
+                value = chunked_term_loss(term, hidden_BTD, model.output, codes_BT, target_BTV, kd.temperature,
+                                          clusters, job.optim.loss_chunk)
             else:
-                value = term_loss(term, student(x[:, :-1], y), x, target, kd.temperature, clusters)
+                logits_BTV = student(codes_BT[:, :-1], labels_B)
+                value = term_loss(term, logits_BTV, codes_BT, target_BTV, kd.temperature, clusters)
             data.counts["student_forwards"] += 1
             total = total + term.weight * value
             logs[names[i]] = value.detach()  # read by the loop once per step, not here (a host sync per term)
