@@ -3,7 +3,9 @@
 A killed job must never leave a file that looks finished, so everything is written to a hidden file beside its
 place (one fixed name per file, removed by the next run of its job) and renamed into place; files get the modes
 the umask gives. Every reader goes through one error path that names the file. Checkpoints are pickles: they are
-loaded with `weights_only=True`. One process runs a job at a time (`job_lock`).
+loaded with `weights_only=True`. One process runs a job at a time (`job_lock`). torch is imported by the
+functions that need it, so that the table and figure jobs, which read and write files through this module, start
+without it (about 2 s of each job's start on a CPU).
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 
 # A write that failed for want of room (disk, quota, file size limit) or on a read-only file system, whatever layer
@@ -124,6 +125,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    import torch
+
     # through a file object: given a path, torch names the archive's records after the temporary file, so the
     # bytes would depend on its name
     with atomic_path(path) as tmp, tmp.open("wb") as f:
@@ -170,6 +173,8 @@ def reading(path: str | Path, what: str) -> Iterator[Path]:
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True and an error that names the file and what it should be."""
+    import torch
+
     with reading(path, what):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
@@ -212,6 +217,7 @@ def _git(*args: str) -> str | None:
 def provenance(device: str = "cpu") -> dict:
     """Where and with what a result was made: commit, dirty tree, versions, host, device."""
     import omegaconf
+    import torch
     import torch_fidelity
 
     status = _git("status", "--porcelain", "--untracked-files=no")
