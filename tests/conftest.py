@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import REPO, make_miniature, snakemake
+from tests.helpers import REPO, make_miniature, snakemake, study_files
 from varkd.codes import save_code_set
 
 
@@ -21,6 +21,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+_MINIATURE_FILES: dict[str, set[str]] = {}  # what `snakemake all` made, recorded before any test changes the study
+
+
 @pytest.fixture(scope="session")
 def miniature_study(tmp_path_factory) -> Path:
     """A workdir holding the miniature study (tests/test_workflow.py) after `snakemake all`, shared by the workflow
@@ -28,7 +31,15 @@ def miniature_study(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("miniature")
     make_miniature(Path(shutil.copytree(REPO / "config", root / "config")))
     snakemake(root, "all")
+    _MINIATURE_FILES["all"] = study_files(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def miniature_files(miniature_study) -> set[str]:
+    """The files under results/embedded of the miniature study right after its `snakemake all` (tests that run
+    more targets on the shared study add files later)."""
+    return _MINIATURE_FILES["all"]
 
 
 @pytest.fixture

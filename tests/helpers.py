@@ -194,6 +194,12 @@ def snakemake(workdir: Path, *args: str, check: bool = True, umask: int | None =
     return result
 
 
+def study_files(workdir: Path) -> set[str]:
+    """Every file of the embedded study's results folder in `workdir`, relative to it."""
+    root = workdir / "results" / "embedded"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
 def make_miniature(presets: Path) -> dict:
     """Turn the editable copy of config/ into the miniature study; returns the study dict."""
     study = merge(yaml.safe_load((presets / "config.yaml").read_text()), MINIATURE)
