@@ -137,6 +137,9 @@ def test_ctrl_c_cancels_the_submitted_jobs(slurm, presets):
     assert "cancelled 1 submitit job" in out, out[-3000:]
 
 
+# Each run of a shard logs the array task it runs as (Snakemake hands the executor a rule's jobs in an order of its
+# own, so task 1 need not be shard 1). Shard 1's first run lasts until the test's signal requeues it: a fixed sleep
+# could end before sacct, on a loaded machine, shows it running. Its second run and the other shards finish at once.
 ARRAY_WORKFLOW = """
 rule all:
     input: expand("out/{i}.txt", i=range(3))
@@ -144,31 +147,39 @@ rule all:
 rule shard:
     output: "out/{i}.txt"
     resources: runtime=10
-    shell: "echo start >> starts_{wildcards.i}.log; sleep 15; echo done > {output}"
+    shell: "echo ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} >> starts_{wildcards.i}.log; "
+           "if [ {wildcards.i} = 1 ] && [ $(wc -l < starts_1.log) = 1 ]; then sleep 500; fi; echo done > {output}"
 """
 
 
 def test_jobs_of_one_rule_go_as_one_array_and_an_element_requeues_alone(slurm, tmp_path):
     """Three ready shards of one rule: one sbatch (tasks A_0..A_2), each task a job of its own to Snakemake; SLURM's
-    warning signal to one task requeues that task only, and the workflow completes."""
+    warning signal to the task running shard 1 requeues that task only, and the workflow completes."""
     (tmp_path / "Snakefile").write_text(ARRAY_WORKFLOW)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"), "--directory",
                             str(tmp_path), "--executor", "submitit", "--submitit-cluster", "slurm", "--jobs", "3",
                             "--seconds-between-status-checks", "2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    task = wait_for(lambda: [j for j in our_jobs(tmp_path) if j["id"].endswith("_1") and j["state"] == "RUNNING"
-                             and (tmp_path / "starts_1.log").exists()] or run.poll() is not None, 300,
-                    "array task 1 to run")
+    starts = tmp_path / "starts_1.log"
+
+    def shard_1_running():
+        if run.poll() is not None:
+            return True
+        task = starts.read_text().split()[0] if starts.exists() and starts.read_text().strip() else None
+        return [j for j in our_jobs(tmp_path) if j["id"] == task and j["state"] == "RUNNING"]
+
+    running = wait_for(shard_1_running, 300, "the array task of shard 1 to run")
     assert run.poll() is None, run.communicate()[0][-3000:]
-    subprocess.run(["scancel", "--signal=USR2", task[0]["id"]], check=True)
+    task = running[0]["id"]
+    subprocess.run(["scancel", "--signal=USR2", task], check=True)
     out, _ = run.communicate(timeout=600)
     assert run.returncode == 0, out[-5000:]
     jobs = our_jobs(tmp_path)
     assert sorted(j["id"].split("_")[1] for j in jobs) == ["0", "1", "2"], jobs
     assert len({j["id"].split("_")[0] for j in jobs}) == 1, jobs  # one array
     assert {j["state"] for j in jobs} == {"COMPLETED"}, jobs
-    starts = [len((tmp_path / f"starts_{i}.log").read_text().splitlines()) for i in range(3)]
-    assert starts == [1, 2, 1]
+    runs = [(tmp_path / f"starts_{i}.log").read_text().split() for i in range(3)]
+    assert [len(r) for r in runs] == [1, 2, 1] and runs[1] == [task, task], runs  # shard 1 requeued, as its task
     folder = tmp_path / "results" / "logs" / "slurm" / "shard" / "array"
-    assert "Requeued job" in "".join(p.read_text() for p in folder.glob("*_1_0_log.*"))
+    assert "Requeued job" in "".join(p.read_text() for p in folder.glob(f"{task}_0_log.*"))
