@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import REPO, make_miniature, snakemake, study_files
+from tests.helpers import REPO, files_of, make_miniature, snakemake
 from varkd.codes import save_code_set
 
 
@@ -21,7 +21,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-_MINIATURE_FILES: dict[str, set[str]] = {}  # what `snakemake all` made, recorded before any test changes the study
+_FILES_AFTER_ALL: dict[Path, set[Path]] = {}  # what `snakemake all` made, recorded before any test adds to it
 
 
 @pytest.fixture(scope="session")
@@ -31,15 +31,15 @@ def miniature_study(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("miniature")
     make_miniature(Path(shutil.copytree(REPO / "config", root / "config")))
     snakemake(root, "all")
-    _MINIATURE_FILES["all"] = study_files(root)
+    _FILES_AFTER_ALL[root] = set(files_of(root / "results" / "embedded"))
     return root
 
 
 @pytest.fixture(scope="session")
-def miniature_files(miniature_study) -> set[str]:
+def miniature_files(miniature_study) -> set[Path]:
     """The files under results/embedded of the miniature study right after its `snakemake all` (tests that run
     more targets on the shared study add files later)."""
-    return _MINIATURE_FILES["all"]
+    return _FILES_AFTER_ALL[miniature_study]
 
 
 @pytest.fixture

@@ -194,10 +194,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True, umask: int | None =
     return result
 
 
-def study_files(workdir: Path) -> set[str]:
-    """Every file of the embedded study's results folder in `workdir`, relative to it."""
-    root = workdir / "results" / "embedded"
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+def files_of(root: Path) -> list[Path]:
+    """Every file under `root` but job locks (which runs leave behind or not), relative to it."""
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 def make_miniature(presets: Path) -> dict:

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import REPO, job, make_miniature, snakemake
+from tests.helpers import REPO, files_of, job, make_miniature, snakemake
 from varkd import io
 from varkd.config import ConfigError, GatherSamplesJob, load_yaml, to_yaml
 from varkd.study import Study
@@ -85,10 +85,6 @@ class Killer(threading.Thread):
                     self.kills.append((command, config, round(now - seen, 2)))
                     self.quota[command] -= 1
             time.sleep(0.05)
-
-
-def files_of(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 def assert_same_files(files: list[Path], reference: Path, other: Path) -> None:
